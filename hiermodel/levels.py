@@ -1,0 +1,88 @@
+"""The three interest levels, each built from the one below: z^(l) = M^(l)(z^(l-1)).
+
+word (tokens of history items) -> sentence (items, pooled into baskets) -> paragraph (baskets in
+time order). Every level returns its units (the input of the next level) and a user vector.
+Only nn.Linear / nn.Embedding / nn.LayerNorm hold parameters, so Opacus hooks see every one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hiermodel.batch import HistoryBatch
+from hiermodel.pooling import AttentionPool, masked_softmax
+
+
+@dataclass
+class LevelOutput:
+    units: torch.Tensor | None  # (B, S, d) this level's units (items, baskets), the next level's input
+    user: torch.Tensor  # (B, d) this level's user vector
+    attention: torch.Tensor  # weights of the user pooling, shaped like the level's units
+
+
+class WordLevel(nn.Module):
+    """Tokens -> item vectors (attention over an item's words) and a word-level user vector."""
+
+    def __init__(self, backbone_dim: int, dim: int, *, build_items: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Linear(backbone_dim, dim)
+        # item vectors feed the sentence level; a word-only model has no use for them
+        self.item_pool = AttentionPool(dim) if build_items else None
+        self.user_pool = AttentionPool(dim)
+
+    def forward(self, history: HistoryBatch) -> LevelOutput:
+        x = torch.tanh(self.proj(history.token_states))  # (B, H, T, d)
+        items = self.item_pool(x, history.token_mask)[0] if self.item_pool is not None else None  # (B, H, d)
+        b, h, t, d = x.shape
+        user, weights = self.user_pool(x.reshape(b, h * t, d), history.token_mask.reshape(b, h * t))
+        return LevelOutput(units=items, user=user, attention=weights.view(b, h, t))
+
+
+class SentenceLevel(nn.Module):
+    """Item vectors (from words + the backbone's sentence vector) -> basket vectors and a user vector."""
+
+    def __init__(self, backbone_dim: int, dim: int, stats_dim: int, *, build_baskets: bool = True) -> None:
+        super().__init__()
+        self.sentence_proj = nn.Linear(backbone_dim, dim)
+        self.mix = nn.Linear(2 * dim, dim)
+        self.basket_pool = AttentionPool(dim) if build_baskets else None  # only the paragraph level needs them
+        self.user_pool = AttentionPool(dim, extra_dim=stats_dim)  # how often/recently steers weights
+
+    def forward(self, history: HistoryBatch, word_items: torch.Tensor) -> LevelOutput:
+        sentence = self.sentence_proj(history.item_sentence)  # (B, H, d)
+        items = torch.tanh(self.mix(torch.cat([word_items, sentence], dim=-1)))  # (B, H, d)
+        baskets = None
+        if self.basket_pool is not None:
+            b, k, m = history.basket_items.shape
+            index = history.basket_items.reshape(b, k * m, 1).expand(-1, -1, items.shape[-1])
+            members = torch.gather(items, 1, index).view(b, k, m, -1)  # (B, K, M, d)
+            baskets, _ = self.basket_pool(members, history.basket_item_mask)  # (B, K, d)
+        user, weights = self.user_pool(items, history.item_mask, extra=history.item_stats)
+        return LevelOutput(units=baskets, user=user, attention=weights)
+
+
+class ParagraphLevel(nn.Module):
+    """Basket vectors in time order -> one time-aware self-attention layer -> a user vector."""
+
+    def __init__(self, dim: int, max_baskets: int) -> None:
+        super().__init__()
+        self.slot = nn.Embedding(max_baskets, dim)
+        self.time = nn.Linear(2, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.user_pool = AttentionPool(dim, extra_dim=2)
+
+    def forward(self, history: HistoryBatch, baskets: torch.Tensor) -> LevelOutput:
+        x = baskets + self.slot(history.basket_slot) + self.time(history.basket_time)  # (B, K, d)
+        scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, K, K)
+        attn = masked_softmax(scores, history.basket_mask.unsqueeze(1).expand_as(scores))
+        x = self.norm(x + self.out(attn @ self.value(x)))
+        user, weights = self.user_pool(x, history.basket_mask, extra=history.basket_time)
+        return LevelOutput(units=x, user=user, attention=weights)

@@ -1,0 +1,27 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hiermodel.data.dataset import Basket, Catalogue, Dataset, User
+
+DAY = 86400.0
+
+
+def toy_dataset(*, num_users: int = 40, num_items: int = 30, seed: int = 0, sites: int = 2) -> Dataset:
+    """Users buying from a small catalogue with product-like titles, several baskets each."""
+    rng = np.random.default_rng(seed)
+    nouns = ["lantern", "teapot", "candle", "mug", "bag", "box"]
+    colours = ["red", "blue", "white", "green", "pink"]
+    texts = [f"{colours[i % 5]} {nouns[i % 6]} number {i}" for i in range(num_items)]
+    catalogue = Catalogue([f"i{i}" for i in range(num_items)], texts, {"noun": [nouns[i % 6] for i in range(num_items)]})
+    users = []
+    for u in range(num_users):
+        n = int(rng.integers(2, 7))
+        baskets = [
+            Basket(float(t * DAY + u), np.unique(rng.choice(num_items, size=int(rng.integers(1, 6)), replace=False)).astype(np.int64))
+            for t in range(n)
+        ]
+        users.append(User(f"u{u}", f"site-{u % sites}", baskets))
+    return Dataset("toy", catalogue, users)

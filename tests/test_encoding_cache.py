@@ -1,0 +1,61 @@
+"""The frozen backbone and the on-disk encoding cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hiermodel.backbone import FrozenBackbone
+from hiermodel.encoding_cache import EncodingCache
+from hiermodel.errors import ConfigError, DataError
+
+
+def test_backbone_is_frozen_and_drops_special_tokens(tiny_backbone: str) -> None:
+    backbone = FrozenBackbone(tiny_backbone, max_tokens=8)
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    assert not backbone.model.training
+    enc = backbone.encode(["white metal lantern", "a very long title " * 10])
+    assert enc.token_states.shape == (2, 8, backbone.dim)
+    # "white metal lantern" is 3 word pieces: [CLS]/[SEP]/padding are not kept
+    assert enc.token_mask[0].tolist() == [True] * 3 + [False] * 5
+    assert enc.token_mask[1].all()
+    assert torch.allclose(enc.sentence.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_missing_backbone_folder_is_one_clear_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        FrozenBackbone(str(tmp_path / "nope"))
+
+
+def test_cache_encodes_each_text_once_and_reuses_it(tiny_backbone: str, tmp_path, monkeypatch) -> None:
+    backbone = FrozenBackbone(tiny_backbone, max_tokens=8)
+    calls = []
+    original = backbone.encode
+    monkeypatch.setattr(backbone, "encode", lambda texts: calls.append(list(texts)) or original(texts))
+    cache = EncodingCache(backbone, tmp_path)
+    first = cache.encode_texts(["red mug", "blue bag", "red mug"], progress=False)
+    assert sum(len(c) for c in calls) == 2  # the duplicate is encoded once
+    assert torch.equal(first.sentence[0], first.sentence[2])
+    second = EncodingCache(backbone, tmp_path).encode_texts(["blue bag", "green box"], progress=False)
+    assert sum(len(c) for c in calls) == 3  # only the new text ran through the backbone
+    assert torch.equal(second.sentence[0], first.sentence[1])
+    direct = original(["green box"])
+    assert torch.allclose(second.sentence[1].float(), direct.sentence[0], atol=1e-2)
+    assert second.token_states.dtype == torch.float16
+
+
+def test_interrupted_append_is_truncated_and_bad_meta_refused(tiny_backbone: str, tmp_path) -> None:
+    backbone = FrozenBackbone(tiny_backbone, max_tokens=8)
+    cache = EncodingCache(backbone, tmp_path)
+    cache.encode_texts(["red mug"], progress=False)
+    with open(cache.folder / "sentence.f16", "ab") as f:  # bytes of a row that was never committed
+        f.write(b"\0" * 10)
+    again = EncodingCache(backbone, tmp_path)
+    assert again.rows == 1
+    assert (cache.folder / "sentence.f16").stat().st_size == backbone.dim * 2
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    (cache.folder / "meta.json").write_text(json.dumps({**meta, "rows": 5}))
+    with pytest.raises(DataError, match="delete"):
+        EncodingCache(backbone, tmp_path)

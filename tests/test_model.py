@@ -1,0 +1,136 @@
+"""The hierarchical model: shapes, levels, combiner, trainable state, save/load, Opacus compatibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hiermodel.data.split import Example, split_examples
+from hiermodel.model import HierModel, HierModelConfig
+from hiermodel.pipeline import new_model, prepare
+from tests.helpers import toy_dataset
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_backbone: str, tmp_path_factory):
+    dataset = toy_dataset()
+    config, builder = prepare(
+        dataset,
+        HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=16, max_history_items=12, max_baskets=4, max_basket_items=6),
+        cache_root=tmp_path_factory.mktemp("cache"),
+        progress=False,
+    )
+    return dataset, config, builder
+
+
+def _batch(builder, n=4, **kw):
+    examples = split_examples(builder.dataset, "train")[:n]
+    return builder.training_batch(examples, rng=np.random.default_rng(0), random_negatives=5, **kw)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_forward_shapes_and_loss(toy, levels: int) -> None:
+    _, config, builder = toy
+    config = HierModelConfig(**{**config.__dict__, "num_levels": levels})
+    model = new_model(config)
+    history, candidates = _batch(builder)
+    out = model(history, candidates)
+    b, c = candidates.mask.shape
+    assert out.scores.shape == (b, c)
+    assert out.level_scores.shape == (b, levels, c)
+    assert out.lambdas.shape == (b, levels)
+    assert torch.allclose(out.lambdas.sum(-1), torch.ones(b))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert set(out.attention) == set(("word", "sentence", "paragraph")[:levels])
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_level_loss_weight_changes_the_objective(toy) -> None:
+    _, config, builder = toy
+    history, candidates = _batch(builder)
+    torch.manual_seed(0)
+    with_levels = HierModel(config)
+    without = HierModel(HierModelConfig(**{**config.__dict__, "level_loss_weight": 0.0}))
+    without.load_state_dict(with_levels.state_dict())
+    assert with_levels(history, candidates).loss > without(history, candidates).loss
+
+
+def test_fixed_and_validation_combiner_have_no_trainable_lambda(toy) -> None:
+    _, config, builder = toy
+    fixed = new_model(HierModelConfig(**{**config.__dict__, "combiner": "fixed", "fixed_lambda": [0.0, 0.0, 2.0]}))
+    assert "combiner.logits.weight" not in fixed.trainable_state()
+    history, candidates = _batch(builder)
+    assert fixed(history, candidates).lambdas[0].tolist() == [0.0, 0.0, 1.0]
+    learned = new_model(config)
+    assert "combiner.logits.weight" in learned.trainable_state()
+    with pytest.raises(ValueError, match="non-negative"):
+        fixed.combiner.set_fixed([1.0, -1.0, 0.0])
+
+
+def test_trainable_state_round_trip_and_save_load(toy, tmp_path) -> None:
+    _, config, builder = toy
+    model = new_model(config, seed=1)
+    state = model.trainable_state()
+    assert all(v.dtype == np.float32 for v in state.values())
+    assert sum(v.size for v in state.values()) == model.num_trainable_parameters()
+    other = new_model(config, seed=2)
+    other.load_trainable_state(state)
+    history, candidates = _batch(builder)
+    model.eval(), other.eval()
+    assert torch.allclose(model(history, candidates).scores, other(history, candidates).scores)
+    model.save_pretrained(tmp_path / "m")
+    loaded = HierModel.from_pretrained(tmp_path / "m")
+    assert torch.allclose(model(history, candidates).scores, loaded(history, candidates).scores)
+    with pytest.raises(ValueError, match="mismatch"):
+        other.load_trainable_state({k: v for k, v in state.items() if not k.startswith("word.")})
+    bad = dict(state)
+    name = next(iter(bad))
+    bad[name] = np.zeros((1, 1), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        other.load_trainable_state(bad)
+
+
+def test_ranking_scores_the_whole_catalogue(toy) -> None:
+    dataset, config, builder = toy
+    model = new_model(config).eval()
+    examples = split_examples(dataset, "test")[:3]
+    history, candidates = builder.ranking_batch(examples)
+    out = model(history, candidates)
+    assert out.scores.shape == (3, dataset.num_items)
+    # the sampled path and the full path give the same score for the same (user, item)
+    hist2, cand2 = builder.training_batch(examples, rng=np.random.default_rng(0), random_negatives=3)
+    sampled = model(hist2, cand2).scores
+    ids = [list(dict.fromkeys(np.concatenate([dataset.users[e.user].baskets[e.target].items,
+                                              hist2.item_ids[i][hist2.item_ids[i] >= 0].numpy()]).tolist()))
+           for i, e in enumerate(examples)]
+    for row, item_ids in enumerate(ids):
+        assert torch.allclose(sampled[row, : len(item_ids)], out.scores[row, item_ids], atol=1e-4)
+
+
+def test_one_opacus_step_gives_per_sample_gradients(toy) -> None:
+    """Every trainable parameter sits in a layer Opacus' hooks support (no bare nn.Parameter)."""
+    from opacus import PrivacyEngine
+
+    _, config, builder = toy
+    model = new_model(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    examples = split_examples(builder.dataset, "train")[:6]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(examples))), batch_size=3)
+    engine = PrivacyEngine(accountant="prv")
+    private, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    before = {k: v.copy() for k, v in model.trainable_state().items()}
+    (indices,) = next(iter(loader))
+    history, candidates = builder.training_batch(
+        [examples[i] for i in indices.tolist()] or examples[:1], rng=np.random.default_rng(0), random_negatives=5
+    )
+    private(history, candidates).loss.backward()
+    for name, p in private.named_parameters():
+        if p.requires_grad:
+            assert p.grad_sample is not None and p.grad_sample.shape[0] == len(history), name
+    optimizer.step()
+    after = model.trainable_state()
+    assert any(not np.allclose(before[k], after[k]) for k in before)
