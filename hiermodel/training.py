@@ -28,6 +28,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-5
+    targets: str = "uniform"  # which training basket a user contributes per epoch: uniform | latest | all
     negatives: str = "sampled"  # sampled (history + random + in-batch) | catalogue (full softmax)
     random_negatives: int = 100
     in_batch_negatives: int = 128
@@ -37,10 +38,23 @@ class TrainConfig:
     eval_batch_size: int = 128
 
 
-def sample_targets(targets_by_user: dict[int, list[int]], rng: np.random.Generator) -> list[Example]:
-    """One training target per user, in a random user order: the user is the training record."""
+TARGET_MODES = ("uniform", "latest", "all")
+
+
+def sample_targets(targets_by_user: dict[int, list[int]], rng: np.random.Generator, mode: str = "uniform") -> list[Example]:
+    """The epoch's examples in random order: per user one uniformly drawn target, the latest, or all.
+
+    One target per user keeps the user as the training record (as user-level DP needs); "latest"
+    is closest to the evaluation targets, whose histories are the longest.
+    """
+    if mode not in TARGET_MODES:
+        raise ValueError(f"unknown train.targets {mode!r}; valid: {', '.join(TARGET_MODES)}")
+    if mode == "all":
+        examples = [Example(u, t) for u, ts in targets_by_user.items() for t in ts]
+        return [examples[i] for i in rng.permutation(len(examples))]
     users = rng.permutation(np.fromiter(targets_by_user, dtype=np.int64))
-    return [Example(int(u), int(rng.choice(targets_by_user[int(u)]))) for u in users]
+    pick = (lambda ts: ts[-1]) if mode == "latest" else (lambda ts: int(rng.choice(ts)))
+    return [Example(int(u), int(pick(targets_by_user[int(u)]))) for u in users]
 
 
 def train_step(model: HierModel, optimizer: torch.optim.Optimizer, history, candidates) -> float:
@@ -108,7 +122,7 @@ def fit(
     log: list[dict[str, float]] = []
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
-        loss = train_epoch(model, builder, optimizer, examples=sample_targets(targets, rng), config=config, rng=rng)
+        loss = train_epoch(model, builder, optimizer, examples=sample_targets(targets, rng, config.targets), config=config, rng=rng)
         trained = time.perf_counter()
         val = evaluate_ranker(ranker, builder.dataset, split="validation", batch_size=config.eval_batch_size)
         row = {"epoch": epoch, "loss": loss, **{f"val_{k}": v for k, v in val.items()},
