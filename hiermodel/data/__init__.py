@@ -13,6 +13,7 @@ from hiermodel.data.online_retail import (
     load_online_retail,
     retail_file_in,
 )
+from hiermodel.data.store import is_dataset_folder, load_dataset_folder, save_dataset
 from hiermodel.data.split import SPLITS, Example, split_examples, train_popularity, train_targets_by_user
 from hiermodel.data.synthetic import SyntheticConfig, generate_synthetic
 from hiermodel.errors import DataError
@@ -32,6 +33,8 @@ __all__ = [
     "load_interactions",
     "load_mind",
     "load_online_retail",
+    "load_dataset_folder",
+    "save_dataset",
     "split_examples",
     "train_popularity",
     "train_targets_by_user",
@@ -52,6 +55,8 @@ def _load_path(path: Path, *, session_gap_minutes: float) -> Dataset:
             f"{path}: not an Online Retail table (its header lacks InvoiceNo, StockCode, InvoiceDate, CustomerID); "
             f"for an interactions table pass its folder. Accepted: {ACCEPTED}"
         )
+    if is_dataset_folder(path):  # a partition that `hierfed simulate` prepared
+        return load_dataset_folder(path)
     generic = find_table(path, "interactions") is not None
     # One MIND file alone still means MIND: its loader then names the missing one.
     mind = (path / "news.tsv").is_file() or (path / "behaviors.tsv").is_file()

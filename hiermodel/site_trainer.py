@@ -1,0 +1,85 @@
+"""One site's local work in a federated round, free of Flower: load the global trainable state,
+train the configured local epochs on the site's own users, evaluate, and hand back only the
+trainable state and scalar metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hiermodel.data.dataset import Dataset
+from hiermodel.data.split import train_targets_by_user
+from hiermodel.evaluation import evaluate_ranker
+from hiermodel.model import HierModel, HierModelConfig
+from hiermodel.pipeline import prepare
+from hiermodel.ranker import HierRanker
+from hiermodel.training import TrainConfig, lambda_metrics, make_optimizer, sample_targets, train_epoch
+
+LAMBDA_KEY = "combiner.logits.weight"
+
+
+@dataclass
+class LocalResult:
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+class SiteTrainer:
+    """A site's data, feature builder and model, kept for the whole run (built once per process)."""
+
+    def __init__(self, dataset: Dataset, model_config: HierModelConfig) -> None:
+        self.dataset = dataset
+        self.config, self.builder = prepare(dataset, model_config, progress=False)
+        self.model = HierModel(self.config)
+        self.targets = train_targets_by_user(dataset)
+
+    def train(
+        self,
+        state: dict[str, np.ndarray],
+        *,
+        train_config: TrainConfig,
+        local_epochs: int,
+        server_round: int,
+        personal_lambda: np.ndarray | None = None,
+    ) -> LocalResult:
+        """Local epochs from the global state; the reply holds the new state and scalar metrics."""
+        started = time.perf_counter()
+        self.model.load_trainable_state(state)
+        if personal_lambda is not None:
+            self._set_lambda(personal_lambda)
+        seed = train_config.seed * 100_003 + server_round
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        optimizer = make_optimizer(self.model, train_config)
+        losses, examples = [], 0
+        for _ in range(local_epochs):
+            epoch = sample_targets(self.targets, rng, train_config.targets)
+            losses.append(train_epoch(self.model, self.builder, optimizer, examples=epoch, config=train_config, rng=rng))
+            examples += len(epoch)
+        new_state = self.model.trainable_state()
+        metrics = {
+            "num-examples": len(self.targets),  # users: the weight of this site in the average
+            "train-examples": examples,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "train-seconds": time.perf_counter() - started,
+            **{k.replace("_", "-"): v for k, v in lambda_metrics(self.model).items()},
+        }
+        return LocalResult(new_state, metrics)
+
+    def evaluate(self, state: dict[str, np.ndarray], *, split: str, personal_lambda: np.ndarray | None = None) -> dict[str, float]:
+        """Full-catalogue metrics of ``state`` on this site's own users (validation or test)."""
+        self.model.load_trainable_state(state)
+        if personal_lambda is not None:
+            self._set_lambda(personal_lambda)
+        result = evaluate_ranker(HierRanker(self.model, self.builder), self.dataset, split=split)
+        return {"num-examples": int(result.pop("users")), **result}
+
+    def current_lambda(self) -> np.ndarray:
+        return self.model.trainable_state()[LAMBDA_KEY]
+
+    def _set_lambda(self, value: np.ndarray) -> None:
+        with torch.no_grad():
+            self.model.combiner.logits.weight.copy_(torch.as_tensor(value))

@@ -1,0 +1,1 @@
+"""Local multi-client simulation: partitions, Flower's Simulation Engine, profiles."""
