@@ -19,6 +19,7 @@ HANDLERS = {
     "train": "hiermodel.cli:run_train",
     "evaluate": "hiermodel.cli:run_evaluate",
     "recommend": "hiermodel.cli:run_recommend",
+    "simulate": "simulation.cli:run_simulate",
 }
 
 
@@ -70,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10, help="how many items")
     add_data_arguments(p, required=False)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("simulate", help="federated training of many simulated sites on this machine (Flower + Ray)")
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder (partitions/, results.json, model/, checkpoints/, plots)")
+    p.add_argument("--num-clients", type=int, help="simulated sites (natural: default one per site)")
+    p.add_argument("--partition", choices=("natural", "dirichlet", "iid"), default="natural",
+                   help="natural = one site per data site (e.g. country); dirichlet / iid split users")
+    p.add_argument("--min-site-users", type=int, default=0, help="natural: group sites with fewer users into one")
+    p.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration (small = very non-IID)")
+    p.add_argument("--rounds", type=int, help="federated rounds (fed.rounds, default 3)")
+    p.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, fedtrimmedavg")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round (fed.local-epochs, default 1)")
+    p.add_argument("--personal-lambda", action="store_true", help="keep each site's combiner λ local")
+    p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
+    p.add_argument("--no-server-eval", action="store_true", help="skip the server's per-round evaluation on held-out users")
+    p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per simulated site")
+    p.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=5 model.dim=32 train.lr=0.003"')
     return parser
 
 

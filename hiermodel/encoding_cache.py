@@ -12,6 +12,7 @@ encoding leaves at most unreferenced bytes that the next run truncates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -163,11 +164,27 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=4)
+def load_backbone(name_or_path: str, max_tokens: int) -> FrozenBackbone:
+    """One backbone per process: simulated sites in one worker share it."""
+    return FrozenBackbone(name_or_path, max_tokens=max_tokens)
+
+
+_ENCODED: dict[tuple, ItemEncodings] = {}
+
+
 def encode_catalogue(
     texts: list[str], *, backbone: str = "default", max_tokens: int = 16, cache_root: Path | None = None,
     progress: bool = True,
 ) -> ItemEncodings:
-    """The catalogue's encodings, running the backbone only on texts the cache does not hold yet."""
-    return EncodingCache(FrozenBackbone(backbone, max_tokens=max_tokens), cache_root).encode_texts(
-        texts, progress=progress
-    )
+    """The catalogue's encodings, running the backbone only on texts the cache does not hold yet.
+
+    Within a process the result is kept, so sites that share a catalogue share one copy in memory.
+    """
+    model = load_backbone(backbone, max_tokens)
+    root = cache_root or default_cache_root()
+    key = (model.fingerprint, max_tokens, str(root), hashlib.sha1("\n".join(texts).encode("utf-8")).hexdigest())
+    if key not in _ENCODED:
+        _ENCODED.clear()  # one catalogue at a time is what a site needs; don't grow without bound
+        _ENCODED[key] = EncodingCache(model, root).encode_texts(texts, progress=progress)
+    return _ENCODED[key]

@@ -205,7 +205,7 @@ class FeatureBuilder:
             history, candidates = self.ranking_batch(examples)
             labels = torch.zeros(candidates.mask.shape)
             for row, ex in enumerate(examples):
-                labels[row, torch.from_numpy(self.dataset.users[ex.user].baskets[ex.target].items)] = 1.0
+                labels[row, torch.as_tensor(self.dataset.users[ex.user].baskets[ex.target].items.tolist())] = 1.0
             candidates.labels = labels
             candidates.topic_targets = self._topic_targets(examples)
             return history, candidates

@@ -96,3 +96,66 @@ def to_flat(config, group: str) -> dict[str, Scalar]:
             value = ",".join(str(v) for v in value)
         out[field_key(group, f.name)] = "" if value is None else value
     return out
+
+
+@dataclasses.dataclass
+class FedConfig:
+    """Federated rounds (run config group `fed.*`)."""
+
+    rounds: int = 3
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedtrimmedavg
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 1  # rounds wait until this many sites are connected
+    round_timeout: float = 3600.0  # seconds the server waits for replies each round
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 0.01  # fedadam / fedyogi η
+    trim_beta: float = 0.2  # fedtrimmedavg: share cut from each end
+    personal_lambda: bool = False  # keep the combiner λ local to each site
+    evaluate_split: str = "validation"  # what sites report in federated evaluation: validation | test
+    server_eval_data: str = ""  # a saved data set the server evaluates the global model on each round
+    out_dir: str = "runs/flwr"  # the run directory the server writes
+    partitions_dir: str = ""  # simulation: the prepared partitions, one folder per partition-id
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"fed.rounds must be at least 1, got {self.rounds}")
+        if self.local_epochs < 1:
+            raise ConfigError(f"fed.local-epochs must be at least 1, got {self.local_epochs}")
+        if self.evaluate_split not in ("validation", "test"):
+            raise ConfigError(f"fed.evaluate-split must be validation or test, got {self.evaluate_split!r}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Every setting of a run, typed: what the flat Flower run config (`group.key = value`) holds."""
+
+    data: "object"
+    model: "object"
+    train: "object"
+    fed: FedConfig
+
+    GROUPS = ("data", "model", "train", "fed")
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Scalar]) -> "RunConfig":
+        from hiermodel.data_config import DataConfig
+        from hiermodel.model import HierModelConfig
+        from hiermodel.training import TrainConfig
+
+        for key in flat:
+            if key.partition(".")[0] not in cls.GROUPS:
+                raise ConfigError(f"unknown run config key {key!r}; groups: {', '.join(g + '.*' for g in cls.GROUPS)}")
+        return cls(
+            data=apply_group(DataConfig(), "data", flat),
+            model=apply_group(HierModelConfig(), "model", flat),
+            train=apply_group(TrainConfig(), "train", flat),
+            fed=apply_group(FedConfig(), "fed", flat),
+        )
+
+    def to_flat(self) -> dict[str, Scalar]:
+        out: dict[str, Scalar] = {}
+        for group in self.GROUPS:
+            out.update(to_flat(getattr(self, group), group))
+        return out

@@ -44,8 +44,12 @@ class SiteTrainer:
         local_epochs: int,
         server_round: int,
         personal_lambda: np.ndarray | None = None,
+        proximal_mu: float = 0.0,
     ) -> LocalResult:
-        """Local epochs from the global state; the reply holds the new state and scalar metrics."""
+        """Local epochs from the global state; the reply holds the new state and scalar metrics.
+
+        proximal_mu > 0 adds FedProx's μ/2 ‖w − w_global‖² to every step's loss.
+        """
         started = time.perf_counter()
         self.model.load_trainable_state(state)
         if personal_lambda is not None:
@@ -54,10 +58,12 @@ class SiteTrainer:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         optimizer = make_optimizer(self.model, train_config)
+        regularizer = self._proximal(proximal_mu) if proximal_mu > 0 else None
         losses, examples = [], 0
-        for _ in range(local_epochs):
+        for _ in range(local_epochs if self.targets else 0):
             epoch = sample_targets(self.targets, rng, train_config.targets)
-            losses.append(train_epoch(self.model, self.builder, optimizer, examples=epoch, config=train_config, rng=rng))
+            losses.append(train_epoch(self.model, self.builder, optimizer, examples=epoch, config=train_config,
+                                      rng=rng, regularizer=regularizer))
             examples += len(epoch)
         new_state = self.model.trainable_state()
         metrics = {
@@ -76,6 +82,15 @@ class SiteTrainer:
             self._set_lambda(personal_lambda)
         result = evaluate_ranker(HierRanker(self.model, self.builder), self.dataset, split=split)
         return {"num-examples": int(result.pop("users")), **result}
+
+    def _proximal(self, mu: float):
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def penalty() -> torch.Tensor:
+            return 0.5 * mu * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
+
+        return penalty
 
     def current_lambda(self) -> np.ndarray:
         return self.model.trainable_state()[LAMBDA_KEY]

@@ -1,0 +1,1 @@
+"""The ClientApp side: one site's training and evaluation."""

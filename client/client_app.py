@@ -1,0 +1,79 @@
+"""The ClientApp: one instance is one site. Its data, the frozen backbone and the encoding cache
+stay here; replies carry only the trainable state and scalar metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site_data import site_trainer
+from hiermodel.run_config import RunConfig
+from hiermodel.site_trainer import LAMBDA_KEY
+
+app = ClientApp()
+
+# keys the strategy adds to the config it sends, beside our run config
+STRATEGY_KEYS = ("server-round", "proximal-mu")
+PERSONAL_LAMBDA = "personal-lambda"
+
+
+def _run_config(msg: Message) -> RunConfig:
+    config = msg.content["config"]
+    return RunConfig.from_flat({k: v for k, v in config.items() if k not in STRATEGY_KEYS})
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in msg.content["arrays"].items()}
+
+
+def _metrics(values: dict) -> MetricRecord:
+    """Scalar metrics only (MetricRecord takes plain int/float)."""
+    return MetricRecord({k: int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)
+                         for k, v in values.items()})
+
+
+def _personal_lambda(context: Context, enabled: bool) -> np.ndarray | None:
+    if enabled and PERSONAL_LAMBDA in context.state:
+        return context.state[PERSONAL_LAMBDA]["lambda"].numpy()
+    return None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = _run_config(msg)
+    site, index = site_trainer(context.node_config, config)
+    received = _arrays(msg)
+    server_round = int(msg.content["config"]["server-round"])
+    result = site.train(
+        received,
+        train_config=config.train,
+        local_epochs=config.fed.local_epochs,
+        server_round=server_round,
+        personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+    )
+    state = result.state
+    if config.fed.personal_lambda and LAMBDA_KEY in state:
+        # λ stays here: keep it in the site's state, and hand the global λ back unchanged
+        context.state[PERSONAL_LAMBDA] = ArrayRecord({"lambda": Array(state[LAMBDA_KEY])})
+        state = {**state, LAMBDA_KEY: received[LAMBDA_KEY]}
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in received}),
+            "metrics": _metrics({**result.metrics, "site-index": index}),
+        }
+    )
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = _run_config(msg)
+    site, index = site_trainer(context.node_config, config)
+    metrics = site.evaluate(
+        _arrays(msg),
+        split=config.fed.evaluate_split,
+        personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
+    )
+    return Message(RecordDict({"metrics": _metrics({**metrics, "site-index": index})}), reply_to=msg)

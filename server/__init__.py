@@ -1,0 +1,1 @@
+"""The ServerApp side: strategy, aggregation, checkpoints, results."""

@@ -1,0 +1,105 @@
+"""Per-round results of a federated run, written to results.json after every round."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from hiermodel.run_config import RunConfig
+from server.global_model import GlobalModel
+from server.run_directory import RunDirectory
+from server.strategy import RoundLog
+
+
+class RunResults:
+    def __init__(self, *, config: RunConfig, round_log: RoundLog, run_dir: RunDirectory, model: GlobalModel, log) -> None:
+        self.config = config
+        self.round_log = round_log
+        self.run_dir = run_dir
+        self.model = model
+        self.log = log
+        self.rounds: list[dict] = []
+        self.initial: dict[str, float] = {}
+        self.sites = _site_names(config)
+
+    def end_round(self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float]) -> None:
+        """Called once the round's global state exists: checkpoint it and flush results.json."""
+        if server_round == 0:
+            self.initial = server_metrics
+            return
+        self.run_dir.checkpoint(server_round, state)
+        entry = self.round_log.entry(server_round)
+        row = {
+            "round": server_round,
+            "train": entry.get("train", {}),
+            "client_evaluate": entry.get("client_evaluate", {}),
+            "server_evaluate": server_metrics,
+            "clients": self._clients(entry),
+            "sites": self._site_metrics(entry),
+            "failures": entry["failures"],
+            "replies": {"train": sum("train_metrics" in c for c in entry["clients"].values()),
+                        "failed": len(entry["failures"])},
+            "wall_seconds": time.time() - entry.get("started", time.time()),
+            "aggregation_seconds": entry.get("aggregation_seconds", 0.0),
+        }
+        self.rounds.append(row)
+        self.run_dir.write_results(self._payload())
+        shown = server_metrics or row["client_evaluate"]
+        self.log(
+            f"round {server_round}/{self.config.fed.rounds}: {row['replies']['train']} sites trained, "
+            f"{row['replies']['failed']} failed, loss {row['train'].get('loss', float('nan')):.4f}, "
+            f"ndcg@10 {shown.get('ndcg@10', float('nan')):.4f}, explore@20 {shown.get('explore_recall@20', float('nan')):.4f} "
+            f"({row['wall_seconds']:.1f}s)"
+        )
+
+    def _clients(self, entry: dict) -> dict[str, dict]:
+        """Bytes per client (by site where known)."""
+        out = {}
+        for node, c in entry["clients"].items():
+            name = self._site_of(c, node)
+            out[name] = {k: v for k, v in c.items() if k.startswith("bytes")}
+        return out
+
+    def _site_metrics(self, entry: dict) -> dict[str, dict]:
+        out = {}
+        for node, c in entry["clients"].items():
+            metrics = {**c.get("train_metrics", {}), **{f"eval-{k}": v for k, v in c.get("evaluate_metrics", {}).items()}}
+            out[self._site_of(c, node)] = metrics
+        return out
+
+    def _site_of(self, client: dict, node: str) -> str:
+        metrics = client.get("train_metrics") or client.get("evaluate_metrics") or {}
+        index = metrics.get("site-index")
+        if index is not None and int(index) in self.sites:
+            return self.sites[int(index)]
+        return f"node-{node}"
+
+    def _payload(self) -> dict:
+        return {"run_config": self.config.to_flat(), "initial_server_evaluate": self.initial, "rounds": self.rounds}
+
+    def finish(self, result, *, wall_seconds: float) -> dict:
+        """The final global model, results.json and the plots."""
+        state = {k: a.numpy() for k, a in result.arrays.items()}
+        self.run_dir.write_model(self.model.load(state), self.config)
+        payload = {**self._payload(), "wall_seconds": wall_seconds,
+                   "trainable_parameters": int(sum(v.size for v in state.values())),
+                   "final": self.rounds[-1] if self.rounds else {}}
+        self.run_dir.write_results(payload)
+        self.run_dir.plot(self.rounds)
+        self.log(f"wrote {self.run_dir.folder}: results.json, model/, checkpoints/, metrics.png")
+        return payload
+
+
+def _site_names(config: RunConfig) -> dict[int, str]:
+    """partition-id -> site name, from a simulation's partition manifest (if any)."""
+    if not config.fed.partitions_dir:
+        return {}
+    from pathlib import Path
+
+    from simulation.partitions import MANIFEST, read_manifest
+
+    folder = Path(config.fed.partitions_dir)
+    if not (folder / MANIFEST).exists():
+        return {}
+    return {int(m["partition"]): m["site"] for m in read_manifest(folder)}

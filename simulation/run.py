@@ -1,0 +1,95 @@
+"""`hierfed simulate`: prepare partitions once, then run the ServerApp and ClientApp on Flower's
+Simulation Engine (Ray) in this process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from hiermodel.data.store import save_dataset
+from hiermodel.errors import ConfigError
+from hiermodel.jobs import write_json
+from hiermodel.run_config import RunConfig
+from simulation.partitions import make_partitions, write_partitions
+
+
+def prepare_run(
+    config: RunConfig,
+    *,
+    out: Path,
+    partition: str,
+    num_clients: int | None,
+    min_site_users: int = 0,
+    alpha: float = 0.5,
+    server_eval: bool = True,
+    log=print,
+) -> tuple[RunConfig, int]:
+    """Load the data once, write each site's partition (and the server's held-out copy), and
+    return the run config pointing at them with the number of simulated sites."""
+    from server.strategy import STRATEGIES
+
+    if config.fed.strategy not in STRATEGIES:  # before any work: a clear line, not a Ray traceback
+        raise ConfigError(f"unknown strategy {config.fed.strategy!r}; valid: {', '.join(STRATEGIES)}")
+    dataset = config.data.load()
+    parts = make_partitions(dataset, scheme=partition, num_clients=num_clients, min_site_users=min_site_users,
+                            alpha=alpha, seed=config.train.seed)
+    folder = out / "partitions"
+    write_partitions(dataset, parts, folder)
+    log(f"data: {dataset.name}, {len(dataset.users)} users, {dataset.num_items} items -> {len(parts)} sites "
+        f"({partition}): " + ", ".join(f"{p.name} {len(p.users)}" for p in parts[:8]) + (" …" if len(parts) > 8 else ""))
+    flat = config.to_flat()
+    flat["fed.partitions-dir"] = str(folder.resolve())
+    flat["fed.out-dir"] = str(out.resolve())
+    if server_eval:
+        flat["fed.server-eval-data"] = str(save_dataset(dataset, folder / "server-eval").resolve())
+    return RunConfig.from_flat(flat), len(parts)
+
+
+def encode_once(config: RunConfig) -> None:
+    """Fill the shared on-disk encoding cache before the sites start, so no site encodes the catalogue."""
+    from hiermodel.encoding_cache import encode_catalogue
+
+    encode_catalogue(config.data.load().catalogue.texts, backbone=config.model.backbone, max_tokens=config.model.max_tokens)
+
+
+def _worker_env() -> dict[str, str]:
+    """What the sites' worker processes must see: the shared encoding cache, offline hub."""
+    from hiermodel.encoding_cache import default_cache_root
+
+    return {"HIERFED_CACHE": str(default_cache_root()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, log=print) -> dict:
+    """Run the federation in this process; returns the results the server wrote."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import run_server
+
+    os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="hierfed-flwr-"))
+    os.environ.update(_worker_env())  # Ray's workers start from this process's environment
+    write_json(Path(config.fed.out_dir) / "run_config.json", config.to_flat())
+    results: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:  # run_simulation passes no run config: hand ours over here
+        results.update(run_server(grid, config.to_flat(), log=log))
+
+    started = time.time()
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_sites,
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1},
+        },
+    )
+    if not results:
+        raise RuntimeError("the simulation ended without results; see the log above")
+    log(f"simulation finished in {time.time() - started:.1f}s")
+    return results
