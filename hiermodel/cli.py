@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
     p.add_argument("--no-server-eval", action="store_true", help="skip the server's per-round evaluation on held-out users")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per simulated site")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the partitions and print the `flwr run .` command that trains on them, then stop")
     p.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=5 model.dim=32 train.lr=0.003"')
     return parser
 
@@ -162,10 +164,12 @@ def format_recommendations(result: dict) -> str:
     lam = ", ".join(f"{k} {v:.2f}" for k, v in result["lambda"].items())
     lines = [f"user {result['user_id']} (site {result['site']}, {result['history_baskets']} baskets)  λ: {lam}", ""]
     levels = list(result["lambda"])
-    lines.append(f"{'#':>3}  {'score':>7}  {'repeat':>7}  " + "  ".join(f"{lv:>9}" for lv in levels) + "  bought  item")
+    lines.append("score = repeat (repeat, popularity and user features) + mixed (their interaction with the text) + each level's text part")
+    lines.append(f"{'#':>3}  {'score':>7}  {'repeat':>7}  {'mixed':>7}  " + "  ".join(f"{lv:>9}" for lv in levels) + "  bought  item")
     for rank, rec in enumerate(result["recommendations"], 1):
         contrib = "  ".join(f"{rec['level_contributions'][lv]:9.3f}" for lv in levels)
-        lines.append(f"{rank:>3}  {rec['score']:7.3f}  {rec['repeat_and_popularity']:7.3f}  {contrib}  {rec['times_bought']:>6}  {rec['item_id']}  {rec['text']}")
+        lines.append(f"{rank:>3}  {rec['score']:7.3f}  {rec['repeat_and_popularity']:7.3f}  {rec['interaction']:7.3f}  "
+                     f"{contrib}  {rec['times_bought']:>6}  {rec['item_id']}  {rec['text']}")
     att = result["attention"]
     if att.get("items"):
         lines += ["", "history items weighted most: " + "; ".join(f"{a['text']} ({a['weight']:.2f})" for a in att["items"])]

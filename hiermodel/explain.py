@@ -105,7 +105,11 @@ def _attention(levels, history, builder, names, tokenizer, top: int) -> dict:
 
 
 def _token(tokenizer, text: str, position: int, max_tokens: int) -> str:
-    """The word piece at ``position`` of the text's tokens (specials dropped), as the cache stored them."""
-    pieces = tokenizer.tokenize(text)[:max_tokens]
-    return pieces[position] if position < len(pieces) else "?"
+    """The whole word holding token ``position`` of the text (specials dropped, as the cache stored them)."""
+    encoding = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens)
+    word_ids = encoding.word_ids()
+    if position >= len(word_ids) or word_ids[position] is None:
+        return "?"
+    start, end = encoding.word_to_chars(word_ids[position])
+    return text[start:end].lower()
 

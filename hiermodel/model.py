@@ -174,8 +174,11 @@ class HierModel(nn.Module):
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
             raise ConfigError(f"{folder} holds no hierfed model ({CONFIG_FILE} + {WEIGHTS_FILE}); pass the folder `hierfed train` wrote")
-        config = HierModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
-        model = cls(config)
-        model.load_trainable_state({k: v.numpy() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
+        try:
+            config = HierModelConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+            model = cls(config)
+            model.load_trainable_state({k: v.numpy() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
+        except (TypeError, ValueError, OSError) as exc:
+            raise ConfigError(f"cannot load the model in {folder} ({exc}); it may come from another hierfed version, train it again") from None
         model.eval()
         return model

@@ -23,7 +23,9 @@ class RunResults:
         self.initial: dict[str, float] = {}
         self.sites = _site_names(config)
 
-    def end_round(self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float]) -> None:
+    def end_round(
+        self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float], *, evaluate_seconds: float = 0.0
+    ) -> None:
         """Called once the round's global state exists: checkpoint it and flush results.json."""
         if server_round == 0:
             self.initial = server_metrics
@@ -41,7 +43,7 @@ class RunResults:
             "replies": {"train": sum("train_metrics" in c for c in entry["clients"].values()),
                         "failed": len(entry["failures"])},
             "wall_seconds": time.time() - entry.get("started", time.time()),
-            "aggregation_seconds": entry.get("aggregation_seconds", 0.0),
+            "time": self._time_split(entry, evaluate_seconds),
         }
         self.rounds.append(row)
         self.run_dir.write_results(self._payload())
@@ -52,6 +54,22 @@ class RunResults:
             f"ndcg@10 {shown.get('ndcg@10', float('nan')):.4f}, explore@20 {shown.get('explore_recall@20', float('nan')):.4f} "
             f"({row['wall_seconds']:.1f}s)"
         )
+
+    @staticmethod
+    def _time_split(entry: dict, evaluate_seconds: float) -> dict[str, float]:
+        """Where the round's wall time went; sites train in parallel, so training is the slowest site."""
+        wall = time.time() - entry.get("started", time.time())
+        train = [c["train_metrics"].get("train-seconds", 0.0) for c in entry["clients"].values() if "train_metrics" in c]
+        split = {
+            "site_training_max": max(train, default=0.0),
+            "site_training_sum": float(sum(train)),
+            "aggregation": entry.get("aggregation_seconds", 0.0),
+            "server_evaluation": evaluate_seconds,
+        }
+        split["framework_and_site_evaluation"] = max(
+            wall - split["site_training_max"] - split["aggregation"] - split["server_evaluation"], 0.0
+        )
+        return split
 
     def _clients(self, entry: dict) -> dict[str, dict]:
         """Bytes per client (by site where known)."""

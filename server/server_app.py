@@ -37,8 +37,9 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = {k: a.numpy() for k, a in arrays.items()}
+        evaluated = time.perf_counter()
         metrics = global_model.evaluate(state)
-        results.end_round(server_round, state, metrics)
+        results.end_round(server_round, state, metrics, evaluate_seconds=time.perf_counter() - evaluated)
         return MetricRecord(metrics) if metrics else None
 
     messages_config = ConfigRecord(dict(config.to_flat()))

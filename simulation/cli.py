@@ -37,6 +37,27 @@ def run_simulate(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         server_eval=not args.no_server_eval,
     )
-    encode_once(config)
-    simulate(config, num_sites=num_sites, cpus_per_site=args.cpus_per_site)
+    encoding_seconds = encode_once(config)
+    if args.prepare_only:
+        print(flwr_run_command(config, num_sites))
+        return 0
+    simulate(config, num_sites=num_sites, cpus_per_site=args.cpus_per_site, encoding_seconds=encoding_seconds)
     return 0
+
+
+def flwr_run_command(config: RunConfig, num_sites: int) -> str:
+    """The same run through Flower's own CLI, on the partitions just prepared."""
+    defaults = RunConfig.from_flat({}).to_flat()
+    changed = {k: v for k, v in config.to_flat().items() if v != defaults.get(k)}
+    pairs = " ".join(f"{k}={_toml(v)}" for k, v in changed.items())
+    return (
+        f"flwr run . local --stream --run-config '{pairs}' "
+        f"--federation-config 'num-supernodes={num_sites} client-resources-num-cpus=1'"
+    )
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, (int, float)) else '"' + str(value).replace('"', '\\"') + '"'
+

@@ -47,11 +47,16 @@ def prepare_run(
     return RunConfig.from_flat(flat), len(parts)
 
 
-def encode_once(config: RunConfig) -> None:
-    """Fill the shared on-disk encoding cache before the sites start, so no site encodes the catalogue."""
+def encode_once(config: RunConfig) -> float:
+    """Fill the shared on-disk encoding cache before the sites start, so no site encodes the catalogue.
+
+    Returns the seconds it took (near zero when the cache already holds every text).
+    """
     from hiermodel.encoding_cache import encode_catalogue
 
+    started = time.perf_counter()
     encode_catalogue(config.data.load().catalogue.texts, backbone=config.model.backbone, max_tokens=config.model.max_tokens)
+    return time.perf_counter() - started
 
 
 def _worker_env() -> dict[str, str]:
@@ -61,7 +66,7 @@ def _worker_env() -> dict[str, str]:
     return {"HIERFED_CACHE": str(default_cache_root()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, log=print) -> dict:
+def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, encoding_seconds: float = 0.0, log=print) -> dict:
     """Run the federation in this process; returns the results the server wrote."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -91,5 +96,9 @@ def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, l
     )
     if not results:
         raise RuntimeError("the simulation ended without results; see the log above")
-    log(f"simulation finished in {time.time() - started:.1f}s")
+    wall = time.time() - started
+    results["simulation"] = {"sites": num_sites, "wall_seconds": wall, "encoding_seconds": encoding_seconds,
+                             "startup_and_shutdown_seconds": wall - results["wall_seconds"]}
+    write_json(Path(config.fed.out_dir) / "results.json", results)
+    log(f"simulation finished in {wall:.1f}s")
     return results
