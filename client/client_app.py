@@ -4,10 +4,11 @@ stay here; replies carry only the trainable state and scalar metrics."""
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_data import site_trainer
+from hiermodel.privacy import PrivacyPlan
 from hiermodel.run_config import RunConfig
 from hiermodel.site_trainer import LAMBDA_KEY
 
@@ -16,6 +17,7 @@ app = ClientApp()
 # keys the strategy adds to the config it sends, beside our run config
 STRATEGY_KEYS = ("server-round", "proximal-mu")
 PERSONAL_LAMBDA = "personal-lambda"
+PRIVACY = "privacy"
 
 
 def _run_config(msg: Message) -> RunConfig:
@@ -39,12 +41,23 @@ def _personal_lambda(context: Context, enabled: bool) -> np.ndarray | None:
     return None
 
 
+def _privacy_plan(context: Context, site, config: RunConfig) -> PrivacyPlan | None:
+    """The site's DP mechanism and accountant history, kept in context.state for the whole run."""
+    if not config.dp.enabled:
+        return None
+    if PRIVACY in context.state:
+        return PrivacyPlan.from_json(str(context.state[PRIVACY]["plan"]))
+    return site.privacy_plan(config.dp, batch_size=config.train.batch_size, local_epochs=config.fed.local_epochs,
+                             planned_rounds=config.fed.rounds)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = _run_config(msg)
     site, index = site_trainer(context.node_config, config)
     received = _arrays(msg)
     server_round = int(msg.content["config"]["server-round"])
+    plan = _privacy_plan(context, site, config)
     result = site.train(
         received,
         train_config=config.train,
@@ -52,7 +65,11 @@ def train(msg: Message, context: Context) -> Message:
         server_round=server_round,
         personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        privacy=plan,
+        dp_negatives=config.dp.random_negatives,
     )
+    if plan is not None:  # only a round that completed reaches here, so only those are charged
+        context.state[PRIVACY] = ConfigRecord({"plan": plan.to_json()})
     state = result.state
     if config.fed.personal_lambda and LAMBDA_KEY in state:
         # λ stays here: keep it in the site's state, and hand the global λ back unchanged

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, help="local epochs per round (fed.local-epochs, default 1)")
     p.add_argument("--personal-lambda", action="store_true", help="keep each site's combiner λ local")
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
+    p.add_argument("--target-epsilon", type=float, help="each site's user-level ε for the whole run (dp.target-epsilon, default 8)")
+    p.add_argument("--target-delta", type=float, help="each site's δ (default 1 / (10 × its users))")
+    p.add_argument("--noise-multiplier", type=float, help="fix σ instead of calibrating it to the budget")
+    p.add_argument("--no-dp", action="store_true", help="the non-private baseline: plain local training")
     p.add_argument("--no-server-eval", action="store_true", help="skip the server's per-round evaluation on held-out users")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per simulated site")
     p.add_argument("--prepare-only", action="store_true",

@@ -162,8 +162,9 @@ class FeatureBuilder:
             pos = np.searchsorted(stats.items, candidates).clip(max=stats.items.size - 1)
             hit = stats.items[pos] == candidates
             out[hit, :NUM_REPEAT_FEATURES] = repeat_features(stats)[pos[hit]]
-        out[:, NUM_REPEAT_FEATURES] = self.log_popularity[candidates]
-        out[:, NUM_REPEAT_FEATURES + 1] = self._recent.at(self.target_time(example))[candidates]
+        if self.config.use_popularity:
+            out[:, NUM_REPEAT_FEATURES] = self.log_popularity[candidates]
+            out[:, NUM_REPEAT_FEATURES + 1] = self._recent.at(self.target_time(example))[candidates]
         out[:, NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES :] = user_features(stats, self._mean_basket_size(example))
         return out
 

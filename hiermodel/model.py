@@ -41,9 +41,10 @@ class HierModelConfig:
     max_history_items: int = 64
     max_baskets: int = 16
     max_basket_items: int = 32
-    scorer_hidden: int = 32
+    scorer_hidden: int = 64
     text_scale: float = 10.0
     use_repeat: bool = True
+    use_popularity: bool = True  # item popularity pools every user of a site: off under user-level DP
     level_loss_weight: float = 0.3
     num_topics: int = 0
     topic_label: str | None = None

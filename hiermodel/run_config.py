@@ -135,23 +135,31 @@ class RunConfig:
     model: "object"
     train: "object"
     fed: FedConfig
+    dp: "object"
 
-    GROUPS = ("data", "model", "train", "fed")
+    GROUPS = ("data", "model", "train", "fed", "dp")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Scalar]) -> "RunConfig":
         from hiermodel.data_config import DataConfig
         from hiermodel.model import HierModelConfig
+        from hiermodel.privacy import DPConfig
         from hiermodel.training import TrainConfig
 
         for key in flat:
             if key.partition(".")[0] not in cls.GROUPS:
                 raise ConfigError(f"unknown run config key {key!r}; groups: {', '.join(g + '.*' for g in cls.GROUPS)}")
+        dp = apply_group(DPConfig(), "dp", flat)
+        model = apply_group(HierModelConfig(), "model", flat)
+        if dp.enabled and model.use_popularity:
+            # popularity counts every user of a site: a per-user DP bound cannot cover it
+            model = dataclasses.replace(model, use_popularity=False)
         return cls(
             data=apply_group(DataConfig(), "data", flat),
-            model=apply_group(HierModelConfig(), "model", flat),
+            model=model,
             train=apply_group(TrainConfig(), "train", flat),
             fed=apply_group(FedConfig(), "fed", flat),
+            dp=dp,
         )
 
     def to_flat(self) -> dict[str, Scalar]:

@@ -15,10 +15,27 @@ from hiermodel.data.split import train_targets_by_user
 from hiermodel.evaluation import evaluate_ranker
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import prepare
+from hiermodel.privacy import ACCOUNTANT_CODES, DPConfig, PrivacyPlan, plan_privacy, private_round
 from hiermodel.ranker import HierRanker
 from hiermodel.training import TrainConfig, lambda_metrics, make_optimizer, sample_targets, train_epoch
 
 LAMBDA_KEY = "combiner.logits.weight"
+
+
+def privacy_metrics(plan: PrivacyPlan, *, steps: int) -> dict[str, float]:
+    """What the privacy ledger records for a site's round (numbers only)."""
+    return {
+        "dp-noise-multiplier": plan.noise_multiplier,
+        "dp-sample-rate": plan.sample_rate,
+        "dp-steps": steps,
+        "dp-total-steps": plan.total_steps,
+        "dp-clip-norm": plan.clip_norm,
+        "dp-delta": plan.delta,
+        "dp-epsilon": plan.epsilon(),
+        "dp-budget": plan.budget_epsilon,
+        "dp-accountant": ACCOUNTANT_CODES[plan.accountant],
+        "dp-users": plan.users,
+    }
 
 
 @dataclass
@@ -45,10 +62,14 @@ class SiteTrainer:
         server_round: int,
         personal_lambda: np.ndarray | None = None,
         proximal_mu: float = 0.0,
+        privacy: PrivacyPlan | None = None,
+        dp_negatives: int = 300,
     ) -> LocalResult:
         """Local epochs from the global state; the reply holds the new state and scalar metrics.
 
-        proximal_mu > 0 adds FedProx's μ/2 ‖w − w_global‖² to every step's loss.
+        proximal_mu > 0 adds FedProx's μ/2 ‖w − w_global‖². With a privacy plan the round is DP-SGD,
+        and a round that would take the site past its budget is declined: the reply then carries the
+        received state unchanged and num-examples 0, so the average leaves it out.
         """
         started = time.perf_counter()
         self.model.load_trainable_state(state)
@@ -57,23 +78,36 @@ class SiteTrainer:
         seed = train_config.seed * 100_003 + server_round
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
+        if privacy is not None and privacy.epsilon(privacy.steps_per_round) > privacy.budget_epsilon:
+            return LocalResult(state, {"num-examples": 0, "dp-declined": 1, **privacy_metrics(privacy, steps=0)})
         optimizer = make_optimizer(self.model, train_config)
-        regularizer = self._proximal(proximal_mu) if proximal_mu > 0 else None
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         losses, examples = [], 0
-        for _ in range(local_epochs if self.targets else 0):
+        for _ in range(local_epochs if self.targets and privacy is None else 0):
             epoch = sample_targets(self.targets, rng, train_config.targets)
+            regularizer = self._proximal_penalty(proximal_mu, anchor) if proximal_mu > 0 else None
             losses.append(train_epoch(self.model, self.builder, optimizer, examples=epoch, config=train_config,
                                       rng=rng, regularizer=regularizer))
             examples += len(epoch)
-        new_state = self.model.trainable_state()
+        extra: dict[str, float] = {}
+        if privacy is not None:
+            step_losses, steps = private_round(
+                self.model, self.builder, plan=privacy, optimizer=optimizer, targets=self.targets,
+                random_negatives=dp_negatives, rng=rng,
+                public_gradient=self._proximal_gradient(proximal_mu, anchor) if proximal_mu > 0 else None,
+            )
+            privacy.record(steps)
+            losses, examples = step_losses, int(steps)
+            extra = {"dp-declined": 0, **privacy_metrics(privacy, steps=steps)}
         metrics = {
             "num-examples": len(self.targets),  # users: the weight of this site in the average
             "train-examples": examples,
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "train-seconds": time.perf_counter() - started,
             **{k.replace("_", "-"): v for k, v in lambda_metrics(self.model).items()},
+            **extra,
         }
-        return LocalResult(new_state, metrics)
+        return LocalResult(self.model.trainable_state(), metrics)
 
     def evaluate(self, state: dict[str, np.ndarray], *, split: str, personal_lambda: np.ndarray | None = None) -> dict[str, float]:
         """Full-catalogue metrics of ``state`` on this site's own users (validation or test)."""
@@ -83,14 +117,28 @@ class SiteTrainer:
         result = evaluate_ranker(HierRanker(self.model, self.builder), self.dataset, split=split)
         return {"num-examples": int(result.pop("users")), **result}
 
-    def _proximal(self, mu: float):
-        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+    def _proximal_penalty(self, mu: float, anchor: dict[str, torch.Tensor]):
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
         def penalty() -> torch.Tensor:
             return 0.5 * mu * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
 
         return penalty
+
+    def _proximal_gradient(self, mu: float, anchor: dict[str, torch.Tensor]):
+        """The proximal term's gradient μ (w − w_global), added to the already noised gradient."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def add() -> None:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.grad.add_(mu * (p - anchor[n]))
+
+        return add
+
+    def privacy_plan(self, dp: DPConfig, *, batch_size: int, local_epochs: int, planned_rounds: int) -> PrivacyPlan:
+        return plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
+                            planned_rounds=planned_rounds)
 
     def current_lambda(self) -> np.ndarray:
         return self.model.trainable_state()[LAMBDA_KEY]

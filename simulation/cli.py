@@ -19,10 +19,15 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         "fed.strategy": args.strategy,
         "fed.local-epochs": args.local_epochs,
         "model.backbone": args.backbone,
+        "dp.target-epsilon": args.target_epsilon,
+        "dp.target-delta": args.target_delta,
+        "dp.noise-multiplier": args.noise_multiplier,
     }
     flat.update({k: v for k, v in flags.items() if v is not None})
     if args.personal_lambda:
         flat["fed.personal-lambda"] = True
+    if args.no_dp:
+        flat["dp.enabled"] = False
     return RunConfig.from_flat(flat)
 
 
