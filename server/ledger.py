@@ -8,6 +8,7 @@ completed round after a crash.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -17,14 +18,15 @@ LEDGER_FILE = "ledger.jsonl"
 STATUSES = ("trained", "declined")
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 
-# field -> JSON type; "float" accepts integers too (JSON writes 1.0 as 1 in some encoders)
+# field -> JSON type; "float" accepts integers too (some encoders write 1.0 as 1)
 SITE_FIELDS = {
     "kind": "str", "round": "int", "site": "str", "seq": "int", "status": "str", "accountant": "str",
     "noise_multiplier": "float", "sample_rate": "float", "steps": "int", "total_steps": "int",
     "clip_norm": "float", "delta": "float", "epsilon": "float", "budget_epsilon": "float", "users": "int",
 }
 ROUND_FIELDS = {"kind": "str", "round": "int", "sites": "list"}
-_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "list": (list,)}
+_TYPES = {"str": (str,), "int": (numbers.Integral,), "float": (numbers.Real,), "list": (list,)}  # numpy scalars too
+_PLAIN = {"int": int, "float": float, "str": str, "list": list}
 
 
 def record_problem(record: object) -> str | None:
@@ -68,7 +70,7 @@ def read_ledger(path: Path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DataError(f"{path}: no privacy ledger here; pass a run directory holding {LEDGER_FILE} or the file itself") from None
+        raise DataError(f"{path}: no privacy ledger here; pass a run directory holding {LEDGER_FILE}, or the file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the privacy ledger ({exc}); check the file and its permissions") from None
     records = []
@@ -109,15 +111,15 @@ class PrivacyLedger:
         seq = dict(self._seq)
         lines = []
         for reported in records:
-            if reported.get("round", server_round) != server_round:
-                raise ValueError(f"round {server_round}: a record of site {reported.get('site')!r} says round {reported['round']}")
             site = reported.get("site")
+            if reported.get("round", server_round) != server_round:
+                raise ValueError(f"round {server_round}: the record of site {site!r} is for round {reported['round']}")
             seq[site] = seq.get(site, 0) + 1
             record = {**reported, "kind": "site-round", "round": server_round, "seq": seq[site]}
             problem = record_problem(record)
             if problem:
                 raise ValueError(f"round {server_round}, site {site!r}: {problem}")
-            lines.append(json.dumps({name: record[name] for name in SITE_FIELDS}))
+            lines.append(json.dumps({name: _PLAIN[kind](record[name]) for name, kind in SITE_FIELDS.items()}))
         lines.append(json.dumps({"kind": "round", "round": server_round, "sites": sites}))
         self._write("".join(line + "\n" for line in lines))
         self._seq = seq  # only once the round is on disk

@@ -7,9 +7,14 @@ import time
 import numpy as np
 
 from hiermodel.run_config import RunConfig
+from hiermodel.privacy import ACCOUNTANT_CODES
 from server.global_model import GlobalModel
+from server.ledger import LEDGER_FILE, PrivacyLedger
 from server.run_directory import RunDirectory
 from server.strategy import RoundLog
+
+
+ACCOUNTANT_NAMES = {code: name for name, code in ACCOUNTANT_CODES.items()}
 
 
 class RunResults:
@@ -22,6 +27,7 @@ class RunResults:
         self.rounds: list[dict] = []
         self.initial: dict[str, float] = {}
         self.sites = _site_names(config)
+        self.ledger = PrivacyLedger(run_dir.folder / LEDGER_FILE) if config.dp.enabled else None
 
     def end_round(
         self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float], *, evaluate_seconds: float = 0.0
@@ -46,6 +52,8 @@ class RunResults:
             "time": self._time_split(entry, evaluate_seconds),
         }
         self.rounds.append(row)
+        if self.ledger is not None:
+            self.ledger.append_round(server_round, self._privacy_records(server_round, entry))
         self.run_dir.write_results(self._payload())
         shown = server_metrics or row["client_evaluate"]
         self.log(
@@ -70,6 +78,30 @@ class RunResults:
             wall - split["site_training_max"] - split["aggregation"] - split["server_evaluation"], 0.0
         )
         return split
+
+    def _privacy_records(self, server_round: int, entry: dict) -> list[dict]:
+        """One ledger record per site that replied this round, from the dp-* metrics it reported."""
+        records = []
+        for node, client in entry["clients"].items():
+            m = client.get("train_metrics", {})
+            if "dp-noise-multiplier" not in m:
+                continue
+            records.append({
+                "round": server_round,
+                "site": self._site_of(client, node),
+                "status": "declined" if m.get("dp-declined") else "trained",
+                "accountant": ACCOUNTANT_NAMES[int(m["dp-accountant"])],
+                "noise_multiplier": float(m["dp-noise-multiplier"]),
+                "sample_rate": float(m["dp-sample-rate"]),
+                "steps": int(m["dp-steps"]),
+                "total_steps": int(m["dp-total-steps"]),
+                "clip_norm": float(m["dp-clip-norm"]),
+                "delta": float(m["dp-delta"]),
+                "epsilon": float(m["dp-epsilon"]),
+                "budget_epsilon": float(m["dp-budget"]),
+                "users": int(m["dp-users"]),
+            })
+        return records
 
     def _clients(self, entry: dict) -> dict[str, dict]:
         """Bytes per client (by site where known)."""

@@ -155,7 +155,9 @@ def test_only_trainable_arrays_and_scalar_metrics_leave_a_site(simulated, tiny_b
     backbone = FrozenBackbone(tiny_backbone)
     backbone_shapes = {tuple(p.shape) for p in backbone.model.parameters() if p.numel() >= 256}
     allowed_metrics = {"num-examples", "train-examples", "loss", "train-seconds", "site-index", "users", "explore_users",
-                       "lambda-word", "lambda-sentence", "lambda-paragraph", "mrr",
+                       "lambda-word", "lambda-sentence", "lambda-paragraph", "mrr", "dp-declined",
+                       *(f"dp-{k}" for k in ("noise-multiplier", "sample-rate", "steps", "total-steps", "clip-norm",
+                                             "delta", "epsilon", "budget", "accountant", "users")),
                        *(f"{m}@{k}" for m in ("recall", "ndcg", "explore_recall") for k in (10, 20))}
     phases = {phase for phase, _ in captured}
     assert phases == {"train", "evaluate"} and len(captured) == 12  # 3 sites x 2 rounds x (train + evaluate)
@@ -173,3 +175,18 @@ def test_only_trainable_arrays_and_scalar_metrics_leave_a_site(simulated, tiny_b
                 assert tuple(v.shape) not in backbone_shapes or v.size < 256, k
             # the encoding cache would be (items, tokens, width) or (items, width)
             assert all(v.ndim <= 2 and backbone.dim not in v.shape[:1] for v in arrays.values() if v.size > 10_000)
+
+
+def test_every_round_is_in_the_privacy_ledger_and_the_audit_agrees(simulated) -> None:
+    from server.audit import audit_ledger
+    from server.ledger import read_ledger
+
+    out, results, _, _ = simulated
+    records = [r for r in read_ledger(out / "ledger.jsonl") if r["kind"] == "site-round"]
+    assert len(records) == 6 and {r["site"] for r in records} == {"site-0", "site-1", "site-2"}
+    last = {r["site"]: r for r in records}
+    for site, metrics in results["rounds"][-1]["sites"].items():
+        assert last[site]["epsilon"] == pytest.approx(metrics["dp-epsilon"])
+        assert last[site]["epsilon"] <= last[site]["budget_epsilon"]
+    report = audit_ledger(out / "ledger.jsonl", tolerance=0.02)
+    assert report.ok, report
