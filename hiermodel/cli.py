@@ -20,6 +20,7 @@ HANDLERS = {
     "evaluate": "hiermodel.cli:run_evaluate",
     "recommend": "hiermodel.cli:run_recommend",
     "simulate": "simulation.cli:run_simulate",
+    "audit": "server.audit:run_audit",
 }
 
 
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true",
                    help="write the partitions and print the `flwr run .` command that trains on them, then stop")
     p.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=5 model.dim=32 train.lr=0.003"')
+
+    from server.audit import add_audit_arguments  # no Flower there; dp_accounting loads only when auditing
+
+    p = sub.add_parser("audit", help="recompute each site's ε from a run's privacy ledger (dp_accounting) and check it")
+    add_audit_arguments(p)
     return parser
 
 

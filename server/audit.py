@@ -226,31 +226,34 @@ class _Audit:
         self.open_rounds: dict[int, list[str]] = {}  # round -> sites whose records await its round record
         self.closed = 0  # the last round a round record closed
 
-    def flag(self, kind: str, site: str | None, server_round: int | None, message: str) -> None:
-        self.findings.append(Finding(kind, site, server_round, message))
+    def flag(self, kind: str, message: str, *, site: str | None, server_round: int | None) -> None:
+        self.findings.append(Finding(kind=kind, site=site, round=server_round, message=message))
+
+    def flag_record(self, kind: str, record: dict, message: str) -> None:
+        self.flag(kind, message, site=record["site"], server_round=record["round"])
 
     def site_record(self, record: dict) -> None:
         records = self.sites.setdefault(record["site"], [])
-        self._check_sequence(record, records[-1] if records else None, self.closed)
+        self._check_sequence(record, records[-1] if records else None)
         records.append(record)
         self.open_rounds.setdefault(record["round"], []).append(record["site"])
 
-    def _check_sequence(self, record: dict, previous: dict | None, closed: int) -> None:
-        name, server_round = record["site"], record["round"]
+    def _check_sequence(self, record: dict, previous: dict | None) -> None:
+        seq, total, server_round = record["seq"], record["total_steps"], record["round"]
         last_seq, last_total = (previous["seq"], previous["total_steps"]) if previous else (0, 0)
-        if record["seq"] != last_seq + 1:
-            self.flag("gap", name, server_round, f"seq {record['seq']} follows seq {last_seq}: "
-                      f"{record['seq'] - last_seq - 1} record(s) of this site are missing or repeated")
-        if record["total_steps"] != last_total + record["steps"]:
-            self.flag("gap", name, server_round, f"total_steps {record['total_steps']} is not the previous {last_total} "
-                      f"+ this round's {record['steps']}: steps are missing from the ledger")
+        if seq != last_seq + 1:
+            self.flag_record("gap", record, f"seq {seq} follows seq {last_seq}: "
+                             f"{seq - last_seq - 1} record(s) of this site are missing or repeated")
+        if total != last_total + record["steps"]:
+            self.flag_record("gap", record, f"total_steps {total} is not the previous {last_total} "
+                             f"+ this round's {record['steps']}: steps are missing from the ledger")
         if previous and server_round <= previous["round"]:
-            self.flag("inconsistent", name, server_round, f"round {server_round} follows the site's round {previous['round']}")
-        elif server_round <= closed:
-            self.flag("inconsistent", name, server_round, f"a record for round {server_round} after round {closed} was closed")
+            self.flag_record("inconsistent", record, f"round {server_round} follows the site's round {previous['round']}")
+        elif server_round <= self.closed:
+            self.flag_record("inconsistent", record, f"a record for round {server_round} after round {self.closed} was closed")
         for key in ("delta", "budget_epsilon"):
             if previous and record[key] != previous[key]:
-                self.flag("inconsistent", name, server_round, f"{key} changed from {previous[key]:g} to {record[key]:g}")
+                self.flag_record("inconsistent", record, f"{key} changed from {previous[key]:g} to {record[key]:g}")
 
     def _mismatch_message(self, record: dict, recomputed: float) -> str:
         reported = record["epsilon"]
@@ -260,31 +263,31 @@ class _Audit:
             hint = (f"; the site used Opacus' {record['accountant']}"
                     + (f", audit with --accountant {_COUNTERPART[record['accountant']]} to compare like with like"
                        if record["accountant"] in _COUNTERPART else ", an approximation rather than a bound"))
-        return (f"reported ε {reported:.4g} is {abs(relative):.1%} {'above' if reported > recomputed else 'below'} "
+        size = f"{abs(relative):.1%} " if math.isfinite(relative) else ""
+        return (f"reported ε {reported:.4g} is {size}{'above' if reported > recomputed else 'below'} "
                 f"the recomputed {recomputed:.4g} (σ {record['noise_multiplier']:g}, q {record['sample_rate']:g}, "
                 f"{record['steps']} steps, {record['total_steps']} in all, δ {record['delta']:g}){hint}")
 
     def round_record(self, record: dict) -> None:
         server_round, listed = record["round"], record["sites"]
         if server_round <= self.closed:
-            self.flag("inconsistent", None, server_round, f"round record {server_round} follows round record {self.closed}")
+            self.flag("inconsistent", f"round record {server_round} follows round record {self.closed}",
+                      site=None, server_round=server_round)
         for earlier in sorted(r for r in self.open_rounds if r < server_round):
             self._unclosed(earlier)
         present = self.open_rounds.pop(server_round, [])
-        for name in listed:
-            if name not in present:
-                self.flag("gap", name, server_round, f"round {server_round} lists site {name} but the ledger has no record "
-                          "of it that round")
-        for name in present:
-            if name not in listed:
-                self.flag("gap", name, server_round, f"site {name} has a record in round {server_round} that the round "
-                          "record does not list")
+        for name in (n for n in listed if n not in present):
+            self.flag("gap", f"round {server_round} lists site {name} but the ledger has no record of it that round",
+                      site=name, server_round=server_round)
+        for name in (n for n in present if n not in listed):
+            self.flag("gap", f"site {name} has a record in round {server_round} that the round record does not list",
+                      site=name, server_round=server_round)
         self.closed = max(self.closed, server_round)
 
     def _unclosed(self, server_round: int) -> None:
         for name in self.open_rounds.pop(server_round):
-            self.flag("gap", name, server_round, f"round {server_round} has a record of site {name} but no round record "
-                      "(the run stopped mid-round, or the line was removed)")
+            self.flag("gap", f"round {server_round} has a record of site {name} but no round record "
+                      "(the run stopped mid-round, or the line was removed)", site=name, server_round=server_round)
 
     def finish(self, *, workers: int | None) -> None:
         for server_round in sorted(self.open_rounds):
@@ -309,12 +312,12 @@ class _Audit:
             if not overspent and spent > record["budget_epsilon"] * (1 + self.tolerance):
                 overspent = True  # once per site: later rounds only spend more
                 which = "reported" if theirs >= ours else "recomputed"
-                self.flag("overspend", record["site"], record["round"],
-                          f"ε {spent:.4g} ({which}) is over the site's budget {record['budget_epsilon']:g}")
+                self.flag_record("overspend", record,
+                                 f"ε {spent:.4g} ({which}) is over the site's budget {record['budget_epsilon']:g}")
         if mismatches:  # once per site: later rounds mostly inherit the first difference
             later = f"; {len(mismatches) - 1} later record(s) differ too" if len(mismatches) > 1 else ""
             first, ours = mismatches[0]
-            self.flag("mismatch", first["site"], first["round"], self._mismatch_message(first, ours) + later)
+            self.flag_record("mismatch", first, self._mismatch_message(first, ours) + later)
 
     def rows(self) -> list[SiteRow]:
         flagged = {f.site for f in self.findings}
@@ -331,7 +334,6 @@ class _Audit:
                 remaining=last["budget_epsilon"] - point.recomputed, ok=name not in flagged,
             ))
         return rows
-
 
 
 def audit_ledger(
@@ -355,8 +357,7 @@ def audit_ledger(
     audit.finish(workers=workers)
     return AuditReport(
         ledger=str(path), accountant=accountant, tolerance=tolerance, abs_tolerance=abs_tolerance,
-        rounds=sum(r["kind"] == "round" for r in records), sites=audit.rows(),
-        series=audit.series,
+        rounds=sum(r["kind"] == "round" for r in records), sites=audit.rows(), series=audit.series,
         findings=audit.findings, seconds=time.perf_counter() - started,
     )
 
@@ -368,10 +369,6 @@ def _span(values: tuple[float, float]) -> str:
     return f"{low:.4g}" if low == high else f"{low:.4g}–{high:.4g}"
 
 
-def _eps(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.4f}"
-
-
 _COLUMNS: list[tuple[str, Callable[[SiteRow], str]]] = [
     ("site", lambda r: r.site),
     ("trained", lambda r: str(r.rounds_trained)),
@@ -379,10 +376,10 @@ _COLUMNS: list[tuple[str, Callable[[SiteRow], str]]] = [
     ("steps", lambda r: str(r.total_steps)),
     ("σ", lambda r: _span(r.sigma)),
     ("q", lambda r: _span(r.sample_rate)),
-    ("ε reported", lambda r: _eps(r.epsilon_reported)),
-    ("ε recomputed", lambda r: _eps(r.epsilon_recomputed)),
+    ("ε reported", lambda r: f"{r.epsilon_reported:.4f}"),
+    ("ε recomputed", lambda r: f"{r.epsilon_recomputed:.4f}"),
     ("budget", lambda r: f"{r.budget:g}"),
-    ("remaining", lambda r: _eps(r.remaining)),
+    ("remaining", lambda r: f"{r.remaining:.4f}"),
     ("ok", lambda r: "yes" if r.ok else "NO"),
 ]
 

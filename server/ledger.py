@@ -41,7 +41,7 @@ def record_problem(record: object) -> str | None:
             return f"missing field {name!r}"
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, _TYPES[kind]):  # bool is an int to Python, not here
-            return f"field {name!r} is {json.dumps(value)}, expected {kind}"
+            return f"field {name!r} is {value!r}, expected {kind}"
     if record["kind"] == "round":
         return None if all(isinstance(s, str) for s in record["sites"]) else "field 'sites' must list site names"
     return _site_values_problem(record)

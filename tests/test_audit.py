@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hiermodel.errors import DataError
-from server.audit import add_audit_arguments, audit_ledger, epsilon_series, recompute_epsilon, run_audit, to_markdown
+from server.audit import _can_fork, add_audit_arguments, audit_ledger, epsilon_series, recompute_epsilon, run_audit, to_markdown
 from server.ledger import LEDGER_FILE, PrivacyLedger, read_ledger
 
 DELTA = 1e-5
@@ -118,6 +118,17 @@ def test_removed_record_is_a_gap(tmp_path: Path, prv_rounds: list[list[dict]]) -
     assert all(f.site == "east" for f in report.findings)
 
 
+def test_round_records_must_match_and_increase(tmp_path: Path, prv_rounds: list[list[dict]]) -> None:
+    path = write_ledger(tmp_path, prv_rounds)
+    is_round = lambda n: lambda r: r["kind"] == "round" and r["round"] == n  # noqa: E731
+    edit_line(path, is_round(2), set_field("sites", ["south", "east"]))
+    edit_line(path, is_round(4), set_field("round", 3))
+    found = {(f.kind, f.site, f.round) for f in audit_ledger(path).findings}
+    assert ("gap", "north", 2) in found  # a record the round record leaves out
+    assert ("inconsistent", None, 3) in found  # round record 3 twice
+    assert {("gap", name, 4) for name in SITES} <= found  # round 4's records never closed
+
+
 def test_epsilon_over_budget_is_an_overspend(tmp_path: Path) -> None:
     sites = {"north": SITES["north"]}
     report = audit_ledger(write_ledger(tmp_path, simulate(sites, budget=2.2)))  # ε 1.60, 2.01, 2.35, 2.64
@@ -190,6 +201,7 @@ def test_pld_is_what_pld_accountant_computes() -> None:
     assert epsilon_series([(0.05, 1.1, 0, DELTA)]) == [0.0]  # nothing trained yet
 
 
+@pytest.mark.skipif(not _can_fork(), reason="worker processes are forked on Linux only")
 def test_workers_give_the_same_answer(tmp_path: Path, prv_rounds: list[list[dict]]) -> None:
     path = write_ledger(tmp_path, prv_rounds)
     assert audit_ledger(path, workers=2).series == audit_ledger(path, workers=1).series
