@@ -3,6 +3,7 @@ Simulation Engine (Ray) in this process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -76,6 +77,7 @@ def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, e
 
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="hierfed-flwr-"))
     os.environ.update(_worker_env())  # Ray's workers start from this process's environment
+    logging.getLogger("flwr").propagate = False  # Opacus adds a root handler: don't print Flower's log twice
     write_json(Path(config.fed.out_dir) / "run_config.json", config.to_flat())
     results: dict = {}
     server_app = ServerApp()
