@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
         personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
         privacy=plan,
-        dp_negatives=config.dp.random_negatives,
+        dp_config=config.dp,
     )
     if plan is not None:  # only a round that completed reaches here, so only those are charged
         context.state[PRIVACY] = ConfigRecord({"plan": plan.to_json()})

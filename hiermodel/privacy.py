@@ -3,7 +3,8 @@ and one private round of local training.
 
 The unit of privacy is a user of the site. Each step samples users by Poisson sampling (rate q);
 a sampled user contributes one target basket, scored against candidates built from that user's
-own history and public catalogue items only, so one user's data touches one per-sample gradient,
+own history and public catalogue items only (never other users' baskets: no in-batch negatives),
+so one user's data touches one per-sample gradient,
 which is clipped to the clip norm before Gaussian noise is added.
 """
 
@@ -39,7 +40,8 @@ class DPConfig:
     noise_multiplier: float = 0.0  # 0: calibrated so the planned rounds spend exactly the budget
     max_grad_norm: float = 1.0  # per-user clip norm
     accountant: str = "prv"  # prv | rdp (Opacus)
-    random_negatives: int = 300  # public catalogue items scored beside each user's own candidates
+    negatives: str = "catalogue"  # catalogue: every (public) item is a candidate; sampled: own + random items
+    random_negatives: int = 300  # sampled: public catalogue items drawn beside each user's own candidates
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -129,6 +131,7 @@ def private_round(
     plan: PrivacyPlan,
     optimizer: torch.optim.Optimizer,
     targets: dict[int, list[int]],
+    negatives: str,
     random_negatives: int,
     rng: np.random.Generator,
     public_gradient=None,
@@ -156,7 +159,7 @@ def private_round(
             if len(sampled):
                 examples = [Example(int(u), int(rng.choice(targets[int(u)]))) for u in sampled]
                 history, candidates = builder.training_batch(
-                    examples, rng=rng, negatives="sampled", random_negatives=random_negatives, in_batch_negatives=0
+                    examples, rng=rng, negatives=negatives, random_negatives=random_negatives, in_batch_negatives=0
                 )
                 out = module(history, candidates)
                 out.loss.backward()

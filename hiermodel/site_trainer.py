@@ -63,7 +63,7 @@ class SiteTrainer:
         personal_lambda: np.ndarray | None = None,
         proximal_mu: float = 0.0,
         privacy: PrivacyPlan | None = None,
-        dp_negatives: int = 300,
+        dp_config: DPConfig | None = None,
     ) -> LocalResult:
         """Local epochs from the global state; the reply holds the new state and scalar metrics.
 
@@ -91,9 +91,10 @@ class SiteTrainer:
             examples += len(epoch)
         extra: dict[str, float] = {}
         if privacy is not None:
+            dp_config = dp_config or DPConfig()
             step_losses, steps = private_round(
                 self.model, self.builder, plan=privacy, optimizer=optimizer, targets=self.targets,
-                random_negatives=dp_negatives, rng=rng,
+                negatives=dp_config.negatives, random_negatives=dp_config.random_negatives, rng=rng,
                 public_gradient=self._proximal_gradient(proximal_mu, anchor) if proximal_mu > 0 else None,
             )
             privacy.record(steps)

@@ -71,7 +71,8 @@ def test_a_site_with_a_tiny_budget_declines_and_spends_nothing_beyond_it(site: S
     assert plan.total_steps == spent
 
 
-def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteTrainer) -> None:
+@pytest.mark.parametrize("negatives", ["catalogue", "sampled"])
+def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteTrainer, negatives: str) -> None:
     start = site.model.trainable_state()
     targets = site.targets
 
@@ -80,8 +81,8 @@ def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteT
         plan = _plan(noise_multiplier=sigma, sample_rate=1.0, steps_per_round=1, clip_norm=clip, users=len(targets))
         optimizer = torch.optim.SGD([p for p in site.model.parameters() if p.requires_grad], lr=1.0)
         torch.manual_seed(0)
-        private_round(site.model, site.builder, plan=plan, optimizer=optimizer, targets=targets, random_negatives=5,
-                      rng=np.random.default_rng(0))
+        private_round(site.model, site.builder, plan=plan, optimizer=optimizer, targets=targets, negatives=negatives,
+                      random_negatives=5, rng=np.random.default_rng(0))
         after = site.model.trainable_state()
         return np.concatenate([(after[k] - start[k]).ravel() for k in start])
 
@@ -93,3 +94,45 @@ def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteT
     noisy = update(1.0, 1e-3)
     assert np.linalg.norm(noisy - clipped) > 1e-3  # σ · C / B noise per coordinate, many coordinates
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in site.model.parameters())
+
+
+@pytest.mark.parametrize("negatives", ["catalogue", "sampled"])
+def test_per_sample_gradients_equal_each_users_own_gradient(site: SiteTrainer, negatives: str) -> None:
+    """Opacus' per-user gradients (incl. the shared-catalogue item tower) equal one backward per user."""
+    from opacus import GradSampleModule
+
+    from hiermodel.data.split import Example
+
+    users = list(site.targets)[:3]
+    examples = [Example(u, site.targets[u][0]) for u in users]
+    rng = np.random.default_rng(0)
+    history, candidates = site.builder.training_batch(examples, rng=rng, negatives=negatives, random_negatives=4)
+    module = GradSampleModule(site.model, batch_first=True, loss_reduction="sum")
+    module.train()
+    module.zero_grad()
+    out = module(history, candidates)
+    out.per_user_loss.sum().backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in site.model.named_parameters() if p.requires_grad}
+    module.remove_hooks()
+    for row, example in enumerate(examples):
+        site.model.zero_grad()
+        h, c = site.builder.training_batch([example], rng=np.random.default_rng(0), negatives=negatives, random_negatives=4)
+        if negatives == "sampled":  # the same candidates as in the batch (the random draw differs)
+            h, c = _row(history, row), _row(candidates, row)
+        site.model(h, c).per_user_loss.sum().backward()
+        for n, p in site.model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(per_sample[n][row], p.grad, atol=1e-5, rtol=1e-4), n
+    for p in site.model.parameters():
+        p.grad_sample = None
+
+
+def _row(batch, row: int):
+    """One user's slice of a batch dataclass (tensors with the batch first; shared tensors as they are)."""
+    import dataclasses
+
+    def part(name: str, value):
+        shared = value is None or (name == "sentence" and value.dim() == 2)  # the catalogue is not per user
+        return value if shared else value[row : row + 1]
+
+    return type(batch)(**{f.name: part(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)})
