@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,6 +150,7 @@ def private_round(
         max_grad_norm=plan.clip_norm,
         expected_batch_size=max(1, round(plan.sample_rate * len(users))),
         loss_reduction="mean",
+        generator=torch.Generator().manual_seed(secrets.randbits(63)),  # noise nobody else can replay
     )
     losses = []
     try:

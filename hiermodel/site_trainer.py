@@ -4,7 +4,9 @@ trainable state and scalar metrics."""
 
 from __future__ import annotations
 
+import secrets
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,9 +77,11 @@ class SiteTrainer:
         self.model.load_trainable_state(state)
         if personal_lambda is not None:
             self._set_lambda(personal_lambda)
-        seed = train_config.seed * 100_003 + server_round
+        # seeded per site and round for reproducible plain training; a private round draws its
+        # sampling and noise from OS randomness (a seed known to the server would let it undo the noise)
+        seed = train_config.seed * 100_003 + server_round * 7_919 + zlib.crc32(self.dataset.name.encode())
         torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(secrets.randbits(128) if privacy is not None else seed)
         if privacy is not None and privacy.epsilon(privacy.steps_per_round) > privacy.budget_epsilon:
             return LocalResult(state, {"num-examples": 0, "dp-declined": 1, **privacy_metrics(privacy, steps=0)})
         optimizer = make_optimizer(self.model, train_config)
