@@ -21,6 +21,7 @@ HANDLERS = {
     "recommend": "hiermodel.cli:run_recommend",
     "simulate": "simulation.cli:run_simulate",
     "audit": "server.audit:run_audit",
+    "bench": "simulation.cli:run_bench_command",
 }
 
 
@@ -94,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true",
                    help="write the partitions and print the `flwr run .` command that trains on them, then stop")
     p.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=5 model.dim=32 train.lr=0.003"')
+
+    p = sub.add_parser("bench", help="measure speed and communication side by side; JSON, a BENCHMARKS.md section, PNG")
+    add_data_arguments(p)
+    p.add_argument("--suite", default="speed,communication", help="comma-separated: speed, communication")
+    p.add_argument("--quick", action="store_true", help="small data (synthetic unless --dataset is given), few steps")
+    p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json, bench.md and speed.png go")
+    p.add_argument("--run-config", default="", help="model.* / data.* overrides")
 
     from server.audit import add_audit_arguments  # no Flower there; dp_accounting loads only when auditing
 

@@ -66,3 +66,25 @@ def _toml(value) -> str:
         return "true" if value else "false"
     return repr(value) if isinstance(value, (int, float)) else '"' + str(value).replace('"', '\\"') + '"'
 
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import dataclasses
+    import sys
+
+    from simulation.bench import BenchSettings, run_bench
+
+    flat = parse_overrides(args.run_config)
+    if args.backbone:
+        flat["model.backbone"] = args.backbone
+    if args.dataset:
+        flat["data.dataset"] = args.dataset
+    if args.data_path:
+        flat["data.data-path"] = args.data_path
+    config = RunConfig.from_flat({k: v for k, v in flat.items() if k.split(".")[0] in ("data", "model")})
+    settings = BenchSettings(data=config.data, model=dataclasses.replace(config.model, use_popularity=True))
+    if args.quick:
+        settings = dataclasses.replace(settings, steps=5, naive_steps=1, encode_items=128)
+    run_bench(suites=[s.strip() for s in args.suite.split(",") if s.strip()], settings=settings, out=args.out,
+              command="hierfed " + " ".join(sys.argv[1:]))
+    return 0
