@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from hiermodel.run_config import RunConfig
+from hiermodel.data.store import MANIFEST, read_manifest
 from hiermodel.privacy import ACCOUNTANT_CODES
 from server.global_model import GlobalModel
 from server.ledger import LEDGER_FILE, PrivacyLedger
@@ -145,10 +147,6 @@ def _site_names(config: RunConfig) -> dict[int, str]:
     """partition-id -> site name, from a simulation's partition manifest (if any)."""
     if not config.fed.partitions_dir:
         return {}
-    from pathlib import Path
-
-    from simulation.partitions import MANIFEST, read_manifest
-
     folder = Path(config.fed.partitions_dir)
     if not (folder / MANIFEST).exists():
         return {}

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from hiermodel.data.dataset import Dataset
-from hiermodel.data.store import save_dataset
+from hiermodel.data.store import MANIFEST, save_dataset
 from hiermodel.errors import ConfigError
 
 PARTITION_SCHEMES = ("natural", "dirichlet", "iid")
-MANIFEST = "partitions.json"
 OTHER_SITES = "other-sites"
 
 
@@ -109,7 +108,3 @@ def write_partitions(dataset: Dataset, partitions: list[Partition], folder: Path
                 for k, (p, path) in enumerate(zip(partitions, paths))]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return paths
-
-
-def read_manifest(folder: Path) -> list[dict]:
-    return json.loads((folder / MANIFEST).read_text())

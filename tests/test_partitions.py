@@ -9,7 +9,8 @@ from hiermodel.data import load_dataset
 from hiermodel.data.store import load_dataset_folder, save_dataset
 from hiermodel.data.synthetic import SyntheticConfig, generate_synthetic
 from hiermodel.errors import ConfigError
-from simulation.partitions import OTHER_SITES, make_partitions, read_manifest, write_partitions
+from hiermodel.data.store import read_manifest
+from simulation.partitions import OTHER_SITES, make_partitions, write_partitions
 
 
 @pytest.fixture(scope="module")

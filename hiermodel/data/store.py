@@ -18,6 +18,7 @@ from hiermodel.errors import DataError
 ITEMS_FILE = "items.parquet"
 BASKETS_FILE = "baskets.parquet"
 META_FILE = "meta.json"
+MANIFEST = "partitions.json"  # a folder of saved partitions: which site each numbered folder holds
 _LABEL_PREFIX = "label:"
 
 
@@ -66,3 +67,8 @@ def load_dataset_folder(folder: Path) -> Dataset:
             )
         )
     return Dataset(meta.get("name", folder.name), catalogue, users, dict(meta.get("skipped", {})))
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    """The partition manifest of a folder of saved partitions (partition, site, users, path)."""
+    return json.loads((folder / MANIFEST).read_text())
