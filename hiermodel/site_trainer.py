@@ -141,7 +141,10 @@ class SiteTrainer:
 
         return add
 
-    def privacy_plan(self, dp: DPConfig, *, batch_size: int, local_epochs: int, planned_rounds: int) -> PrivacyPlan:
+    def privacy_plan(self, dp: DPConfig, *, batch_size: int, local_epochs: int, planned_rounds: int) -> PrivacyPlan | None:
+        """The site's DP mechanism; None for a site with no user to train on (it has nothing to protect or send)."""
+        if not self.targets:
+            return None
         return plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
                             planned_rounds=planned_rounds)
 

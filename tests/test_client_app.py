@@ -71,3 +71,16 @@ def test_without_dp_no_privacy_metrics_are_sent(setup) -> None:
     state = GlobalModel(RunConfig.from_flat(flat)).initial_state()
     metrics = client_app.train(_message(flat, state, 1), _context()).content["metrics"]
     assert metrics["num-examples"] > 0 and not any(k.startswith("dp-") for k in metrics)
+
+
+def test_a_site_without_training_users_declines_quietly(setup, tmp_path) -> None:
+    from hiermodel.data.dataset import Basket, Dataset, User
+    from hiermodel.data.store import save_dataset
+
+    dataset = generate_synthetic(SyntheticConfig(num_users=60, num_sites=2))
+    lonely = Dataset("lonely", dataset.catalogue, [User("u", "s", [Basket(0.0, np.array([1]))])])  # one basket
+    save_dataset(lonely, tmp_path / "0")
+    flat = {**setup, "fed.partitions-dir": str(tmp_path)}
+    state = GlobalModel(RunConfig.from_flat(flat)).initial_state()
+    reply = client_app.train(_message(flat, state, 1), _context())
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
