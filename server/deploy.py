@@ -19,6 +19,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,13 +34,9 @@ DEFAULT_PORT = 8000  # flower-superlink's own default
 CONNECTION = "hierfed"  # the [superlink.hierfed] connection `flwr run . hierfed` uses
 READY_SECONDS = 60.0
 STOP_SECONDS = 15.0
-# what a deployed SuperNode or SuperLink must see; the project is installed on every machine, so
-# Flower must not try to pip/uv-install the app's dependencies when a run starts
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+# defaults for Flower's processes where this environment does not set them: no hub or PyPI
+# look-ups on machines that may be offline
+FLOWER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 ALREADY_REGISTERED = "[code: 23]"  # Flower's PUBLIC_KEY_ALREADY_IN_USE
 
 
@@ -54,41 +51,45 @@ def flower_executable(name: str) -> str:
     return found
 
 
-def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with what Flower's processes need (explicit settings win)."""
-    env = {**FLOWER_ENV, "FLWR_DISABLE_UPDATE_CHECK": "1", **os.environ}  # no PyPI look-up on offline machines
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    return {**env, **(extra or {})}
+def flower_env() -> dict[str, str]:
+    """This process's environment with what Flower's processes need."""
+    # always: the project is installed on every machine, so the SuperLink/SuperNode must not try
+    # to install the app's dependencies when a run starts
+    return {**FLOWER_ENV, **os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def start_flower(command: list[str], *, log: Path | None = None, capture: bool = False) -> subprocess.Popen:
-    """Start a Flower process in its own session: one signal to the group then reaches the
-    SuperExec and app processes it starts (stdout+stderr to log, a pipe, or this terminal)."""
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log, "ab")  # noqa: SIM115 - the child holds it; closed with the process object
-    else:
-        out = subprocess.PIPE if capture else None
-    try:
-        return subprocess.Popen(command, env=flower_env(), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        if log is not None:
-            out.close()
+    """Start a Flower process, its output (with stderr) to log, a pipe (capture) or this terminal."""
+    if log is None:
+        return _popen(command, subprocess.PIPE if capture else None)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return _popen(command, out)
+
+
+def _popen(command: list[str], out) -> subprocess.Popen:
+    # its own session: one signal to the group reaches the SuperExec and app processes it starts
+    return subprocess.Popen(command, env=flower_env(), stdout=out, stderr=subprocess.STDOUT if out is not None else None,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def stop_process(process: subprocess.Popen, *, grace: float = STOP_SECONDS) -> int:
-    """SIGTERM to the process group (Flower shuts down cleanly on it), SIGKILL if still there."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is gone (or only zombies remain)
-        try:
-            return process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-    return process.wait()
+    """SIGTERM to the process group (Flower shuts down cleanly on it), then SIGKILL what is left."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        code = process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        code = process.wait()
+    _signal_group(process, signal.SIGKILL)  # stragglers: a SuperExec outlives its SuperNode for a while
+    return code
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone
 
 
 def run_foreground(process: subprocess.Popen, *, hint: Callable[[int, str], str | None] | None = None) -> int:
@@ -97,27 +98,29 @@ def run_foreground(process: subprocess.Popen, *, hint: Callable[[int, str], str 
     With a captured stdout the output is echoed, and ``hint(code, tail)`` may add one line on exit.
     """
     def forward(signum, _frame) -> None:
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            pass
+        _signal_group(process, signum)
 
+    def echo() -> None:
+        for raw in process.stdout:
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            seen.append(line)
+
+    seen: collections.deque[str] = collections.deque(maxlen=200)  # a site runs for days: keep only the end
+    reader = threading.Thread(target=echo, daemon=True) if process.stdout is not None else None
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    tail: collections.deque[str] = collections.deque(maxlen=40)
     try:
-        if process.stdout is not None:
-            for raw in process.stdout:
-                line = raw.decode(errors="replace")
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                tail.append(line)
+        if reader:
+            reader.start()
         code = process.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if process.poll() is None:
-            stop_process(process)
-    message = hint(code, "".join(tail)) if hint and code else None
+        stop_process(process)  # also after a normal exit: what it started may still hold the output open
+    if reader:
+        reader.join(timeout=STOP_SECONDS)
+    message = hint(code, "".join(seen)) if hint and code else None
     if message:
         raise ConfigError(message)
     return code
@@ -129,6 +132,7 @@ def toml_pairs(values: Mapping[str, object]) -> str:
 
 
 def toml_value(value: object) -> str:
+    """One value as TOML that survives Flower's pair-splitting regex."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -177,6 +181,7 @@ class SuperLinkSpec:
 
 
 def check_certificates(certs: Path) -> None:
+    """The three files flower-superlink needs, or one line saying how to get them."""
     missing = [name for name in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (Path(certs) / name).is_file()]
     if missing:
         raise ConfigError(f"{certs}: no {', '.join(missing)}; run `hierfed certs --out {certs} --host NAME --site NAME` "
@@ -197,7 +202,6 @@ def superlink_command(spec: SuperLinkSpec) -> list[str]:
         "--port", str(spec.port),
     ]
     if spec.database is not None:
-        Path(spec.database).parent.mkdir(parents=True, exist_ok=True)
         command += ["--database", str(Path(spec.database).resolve())]
     return command
 
@@ -229,6 +233,8 @@ def wait_until_ready(process: subprocess.Popen, *, address: str, root_cert: Path
 def start_superlink(spec: SuperLinkSpec, *, log: Path | None = None) -> subprocess.Popen:
     """Start flower-superlink and return once it serves; stopped again if it never does."""
     check_certificates(spec.certs)
+    if spec.database is not None:
+        Path(spec.database).parent.mkdir(parents=True, exist_ok=True)
     process = start_flower(superlink_command(spec), log=log)
     try:
         wait_until_ready(process, address=spec.local_address, root_cert=Path(spec.certs) / CA_CERT)
@@ -278,9 +284,13 @@ def site_public_keys(certs: Path, given: list[Path] | None) -> list[Path]:
     return keys
 
 
-def register_sites(keys: list[Path], *, connection: str = CONNECTION) -> dict[str, str]:
-    """Register each site's public key (named by its file) with the SuperLink: site -> node id,
-    or "registered before" for a key the SuperLink already knows (its database was kept)."""
+def register_sites(keys: list[Path], *, connection: str = CONNECTION, remember: Path | None = None) -> dict[str, str]:
+    """Register each site's public key (named by its file) with the SuperLink: site -> node id.
+
+    Flower answers a key it already knows (its database was kept) without the id, so the ids are
+    kept in ``remember`` (JSON) beside the database.
+    """
+    known = json.loads(remember.read_text()) if remember is not None and remember.exists() else {}
     nodes = {}
     for key in keys:
         name = Path(key).stem
@@ -288,10 +298,12 @@ def register_sites(keys: list[Path], *, connection: str = CONNECTION) -> dict[st
         if answer.get("success"):
             nodes[name] = str(answer["node-id"])
         elif ALREADY_REGISTERED in answer.get("error-message", ""):
-            nodes[name] = "registered before"
+            nodes[name] = known.get(name, "registered before")
         else:
             reason = " ".join(str(answer.get("error-message", answer)).split())
             raise ConfigError(f"registering {key} failed: {reason}")
+    if remember is not None:
+        remember.write_text(json.dumps({**known, **nodes}, indent=2))
     return nodes
 
 
@@ -311,7 +323,7 @@ def run_status(run_id: int, *, connection: str = CONNECTION) -> str:
 
 def wait_for_run(run_id: int, *, connection: str = CONNECTION, timeout: float, poll: float = 2.0) -> str:
     """Poll until the run has finished; its final status."""
-    deadline = time.monotonic() + timeout
+    deadline, status = time.monotonic() + timeout, "unknown"
     while time.monotonic() < deadline:
         status = run_status(run_id, connection=connection)
         if status.startswith("finished"):
@@ -368,7 +380,8 @@ def run_superlink(args: argparse.Namespace) -> int:
     process = start_superlink(spec)
     try:
         write_connection(args.connection, address=spec.local_address, root_cert=Path(args.certs) / CA_CERT)
-        nodes = register_sites(keys, connection=args.connection)
+        remember = None if database is None else Path(f"{database}.sites.json")
+        nodes = register_sites(keys, connection=args.connection, remember=remember)
         print(instructions(spec, nodes, connection=args.connection), flush=True)
     except BaseException:
         stop_process(process)
