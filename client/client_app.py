@@ -3,6 +3,8 @@ stay here; replies carry only the trainable state and scalar metrics."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,7 +49,10 @@ def _privacy_plan(context: Context, site, config: RunConfig) -> PrivacyPlan | No
         return None
     if PRIVACY in context.state:
         return PrivacyPlan.from_json(str(context.state[PRIVACY]["plan"]))
-    return site.privacy_plan(config.dp, batch_size=config.train.batch_size, local_epochs=config.fed.local_epochs,
+    dp = config.dp
+    if "budget-epsilon" in context.node_config:  # a deployed site's own budget wins over the run's
+        dp = dataclasses.replace(dp, target_epsilon=float(context.node_config["budget-epsilon"]))
+    return site.privacy_plan(dp, batch_size=config.train.batch_size, local_epochs=config.fed.local_epochs,
                              planned_rounds=config.fed.rounds)
 
 

@@ -12,6 +12,7 @@ import argparse
 import socket
 import ssl
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,8 @@ def start_site(spec: SiteSpec, *, log: Path | None = None, capture: bool = False
     return start_flower(supernode_command(spec), log=log, capture=capture)
 
 
-def refusal_hint(spec: SiteSpec):
-    """For run_foreground: the line to add when the SuperLink refuses this site's key."""
+def refusal_hint(spec: SiteSpec) -> Callable[[int, str], str | None]:
+    """For run_foreground: the line to end with when the SuperLink refuses this site's key."""
     def hint(code: int, output: str) -> str | None:
         if ACTIVATION_REFUSED in output:
             return (f"the SuperLink at {spec.superlink} refused site {spec.site}: its public key is not registered "
@@ -164,6 +165,7 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> SiteSpec:
+    """The SiteSpec that `hierfed site` arguments describe."""
     return SiteSpec(superlink=args.superlink, site=args.site, data=args.data, root_cert=args.root_cert,
                     auth_key=args.auth_key, insecure=args.insecure, budget_epsilon=args.budget_epsilon,
                     site_index=args.site_index, runtime_port=args.runtime_port)

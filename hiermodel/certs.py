@@ -149,7 +149,8 @@ def _load_or_create_ca(folder: Path):
     return key, cert, True
 
 
-def _issue_server_certificate(folder: Path, hosts: list[str], ca_key, ca_cert) -> None:
+def _issue_server_certificate(folder: Path, *, hosts: list[str], ca_key, ca_cert) -> None:
+    """server.crt / server.key for hosts (and the loopback), signed by the CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -210,7 +211,7 @@ def make_certificates(folder: Path, *, hosts: list[str], sites: list[str]) -> Ce
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert, ca_created = _load_or_create_ca(folder)
-    _issue_server_certificate(folder, hosts, ca_key, ca_cert)
+    _issue_server_certificate(folder, hosts=hosts, ca_key=ca_key, ca_cert=ca_cert)
     keys = tuple(_site_keys(folder, site) for site in dict.fromkeys(sites))
     return CertificateSet(folder=folder, ca_cert=folder / CA_CERT, server_cert=folder / SERVER_CERT,
                           server_key=folder / SERVER_KEY, hosts=tuple(dict.fromkeys([*hosts, *LOOPBACK_HOSTS])),

@@ -22,6 +22,9 @@ HANDLERS = {
     "simulate": "simulation.cli:run_simulate",
     "audit": "server.audit:run_audit",
     "bench": "simulation.cli:run_bench_command",
+    "certs": "hiermodel.certs:run_certs",
+    "superlink": "server.deploy:run_superlink",
+    "site": "client.deploy:run_site",
 }
 
 
@@ -108,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="recompute each site's ε from a run's privacy ledger (dp_accounting) and check it")
     add_audit_arguments(p)
+
+    from client.deploy import add_site_arguments  # no Flower or cryptography at import: they load when a command runs
+    from hiermodel.certs import add_certs_arguments
+    from server.deploy import add_superlink_arguments
+
+    add_certs_arguments(sub.add_parser("certs", help="development TLS certificates and site key pairs for a deployment"))
+    add_superlink_arguments(sub.add_parser("superlink", help="the coordinator: Flower's SuperLink with TLS and site authentication"))
+    add_site_arguments(sub.add_parser("site", help="an edge site: Flower's SuperNode on this site's data, with its own budget"))
     return parser
 
 

@@ -3,6 +3,7 @@ checkpoints the global model each round, and writes the run directory."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    logging.getLogger("flwr").propagate = False  # Opacus adds a root handler: don't print Flower's log twice
     run_server(grid, context.run_config)
 
 
