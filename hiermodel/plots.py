@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+MAX_LEGEND = 10
+
 
 def plot_series(
     path: Path,
@@ -27,7 +29,7 @@ def plot_series(
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
+        if 1 < len(lines) <= MAX_LEGEND:  # dozens of sites: the lines still show the spread, a legend would hide it
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)

@@ -138,7 +138,7 @@ class RunResults:
                    "trainable_parameters": int(sum(v.size for v in state.values())),
                    "final": self.rounds[-1] if self.rounds else {}}
         self.run_dir.write_results(payload)
-        self.run_dir.plot(self.rounds)
+        self.run_dir.plot(self.rounds, site_split=self.config.fed.evaluate_split)
         self.log(f"wrote {self.run_dir.folder}: results.json, model/, checkpoints/, metrics.png")
         return payload
 

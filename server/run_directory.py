@@ -44,16 +44,17 @@ class RunDirectory:
         write_json(folder / DATA_FILE, dataclasses.asdict(config.data))
         return folder / CONFIG_FILE
 
-    def plot(self, rounds: list[dict]) -> list[Path]:
+    def plot(self, rounds: list[dict], *, site_split: str = "validation") -> list[Path]:
         """Metrics per round and λ per level per round (per site where λ is personal)."""
         paths = []
         x = [r["round"] for r in rounds]
         metric_lines: dict[str, dict[str, list[float]]] = {}
-        for source in ("server_evaluate", "client_evaluate"):
+        labels = {"server_evaluate": "server, held-out test", "client_evaluate": f"sites, their {site_split}"}
+        for source, label in labels.items():
             for name in ("ndcg@10", "recall@20", "explore_recall@20"):
                 values = [r.get(source, {}).get(name) for r in rounds]
                 if all(v is not None for v in values) and values:
-                    metric_lines.setdefault(name, {})[source.replace("_", " ")] = values
+                    metric_lines.setdefault(name, {})[label] = values
         loss = [r.get("train", {}).get("loss") for r in rounds]
         panels = {"train loss": {"loss": loss}} if all(v is not None for v in loss) else {}
         panels.update(metric_lines)
