@@ -13,6 +13,7 @@ from hiermodel.data.dataset import Dataset
 from hiermodel.data_config import DataConfig
 from hiermodel.errors import ConfigError
 from hiermodel.evaluation import evaluate_ranker
+from hiermodel.features import FeatureBuilder
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import new_model, prepare
 from hiermodel.plots import plot_training_curves
@@ -109,7 +110,7 @@ def find_model_dir(path: Path) -> Path:
     raise ConfigError(f"no hierfed model in {path} (expected config.json + model.safetensors); pass the folder `hierfed train` wrote")
 
 
-def load_model_and_data(model_path: Path, data: DataConfig | None) -> tuple[HierModel, "object", Dataset]:
+def load_model_and_data(model_path: Path, data: DataConfig | None) -> tuple[HierModel, FeatureBuilder, Dataset]:
     """The saved model, its data (as trained, unless overridden) and a feature builder on it."""
     folder = find_model_dir(model_path)
     model = HierModel.from_pretrained(folder)
