@@ -17,7 +17,7 @@ from hiermodel.data import (
     load_mind,
     load_online_retail,
 )
-from hiermodel.data import online_retail as online_retail_module
+from hiermodel.data import uci_retail as retail_module
 from hiermodel.errors import DataError
 
 T0 = 1_700_000_000  # a Unix time
@@ -313,7 +313,7 @@ def test_online_retail_bad_input(tmp_path: Path) -> None:
     one_line_error(lambda: load_online_retail(path), "d.csv", "row 11", "InvoiceDate", "'soon'")
 
 
-@pytest.mark.skipif(online_retail_module._has_openpyxl(), reason="openpyxl is installed")
+@pytest.mark.skipif(retail_module._has_openpyxl(), reason="openpyxl is installed")
 def test_online_retail_xlsx_needs_openpyxl(tmp_path: Path) -> None:
     path = tmp_path / "Online Retail.xlsx"
     path.write_bytes(b"PK\x03\x04")
@@ -337,7 +337,7 @@ def test_find_online_retail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # Nothing anywhere: env unset, no ../shared next to the cwd or the (pretended) repository.
     monkeypatch.delenv("HIERFED_DATA")
     monkeypatch.chdir(empty)
-    monkeypatch.setattr(online_retail_module, "__file__", str(tmp_path / "repo" / "hiermodel" / "data" / "x.py"))
+    monkeypatch.setattr(retail_module, "__file__", str(tmp_path / "repo" / "hiermodel" / "data" / "x.py"))
     message = one_line_error(lambda: find_online_retail(None), "not found", "HIERFED_DATA")
     assert str(tmp_path / "shared" / "data" / "online-retail") in message
 

@@ -20,4 +20,4 @@ def test_hiermodel_imports_no_flower() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"hiermodel pulled in: {result.stdout.strip()[:200]}"
-    assert "hiermodel.model" in modules and "hiermodel.data.online_retail" in modules
+    assert "hiermodel.model" in modules and "hiermodel.data.uci_retail" in modules

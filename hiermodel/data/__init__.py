@@ -7,7 +7,7 @@ from pathlib import Path
 from hiermodel.data.dataset import Basket, Catalogue, Dataset, User, build_users
 from hiermodel.data.interactions import find_table, load_interactions
 from hiermodel.data.mind import load_mind
-from hiermodel.data.online_retail import (
+from hiermodel.data.uci_retail import (
     find_online_retail,
     is_online_retail_table,
     load_online_retail,
