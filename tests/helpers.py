@@ -25,3 +25,13 @@ def toy_dataset(*, num_users: int = 40, num_items: int = 30, seed: int = 0, site
         ]
         users.append(User(f"u{u}", f"site-{u % sites}", baskets))
     return Dataset("toy", catalogue, users)
+
+
+def prepared(dataset: Dataset, *, backbone: str, cache_root, **model):
+    """(dataset, completed model config, feature builder) with a small model on the tiny backbone."""
+    from hiermodel.model import HierModelConfig
+    from hiermodel.pipeline import prepare
+
+    config, builder = prepare(dataset, HierModelConfig(backbone=backbone, max_tokens=8, dim=16, **model),
+                              cache_root=cache_root, progress=False)
+    return dataset, config, builder

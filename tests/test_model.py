@@ -8,20 +8,14 @@ import torch
 
 from hiermodel.data.split import Example, split_examples
 from hiermodel.model import HierModel, HierModelConfig
-from hiermodel.pipeline import new_model, prepare
-from tests.helpers import toy_dataset
+from hiermodel.pipeline import new_model
+from tests.helpers import prepared, toy_dataset
 
 
 @pytest.fixture(scope="module")
 def toy(tiny_backbone: str, tmp_path_factory):
-    dataset = toy_dataset()
-    config, builder = prepare(
-        dataset,
-        HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=16, max_history_items=12, max_baskets=4, max_basket_items=6),
-        cache_root=tmp_path_factory.mktemp("cache"),
-        progress=False,
-    )
-    return dataset, config, builder
+    return prepared(toy_dataset(), backbone=tiny_backbone, cache_root=tmp_path_factory.mktemp("cache"),
+                    max_history_items=12, max_baskets=4, max_basket_items=6)
 
 
 def _batch(builder, n=4, **kw):

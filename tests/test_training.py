@@ -10,21 +10,16 @@ from hiermodel.data.split import train_targets_by_user
 from hiermodel.evaluation import evaluate_ranker
 from hiermodel.baselines import build_baseline
 from hiermodel.model import HierModelConfig
-from hiermodel.pipeline import new_model, prepare
+from hiermodel.pipeline import new_model
 from hiermodel.ranker import HierRanker
 from hiermodel.training import TrainConfig, choose_lambda_on_validation, fit, lambda_grid, sample_targets
+from tests.helpers import prepared
 
 
 @pytest.fixture(scope="module")
 def synthetic(tiny_backbone: str, tmp_path_factory):
-    dataset = generate_synthetic(SyntheticConfig(num_users=150, seed=3))
-    config, builder = prepare(
-        dataset,
-        HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=16, max_history_items=24, max_baskets=6, max_basket_items=8),
-        cache_root=tmp_path_factory.mktemp("cache"),
-        progress=False,
-    )
-    return dataset, config, builder
+    return prepared(generate_synthetic(SyntheticConfig(num_users=150, seed=3)), backbone=tiny_backbone,
+                    cache_root=tmp_path_factory.mktemp("cache"), max_history_items=24, max_baskets=6, max_basket_items=8)
 
 
 @pytest.mark.parametrize("negatives", ["sampled", "catalogue"])
