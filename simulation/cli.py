@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hiermodel.run_config import RunConfig, parse_overrides
-from simulation.run import encode_once, prepare_run, simulate
+from simulation.run import prepare_run, simulate
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -33,7 +33,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_simulate(args: argparse.Namespace) -> int:
     config = run_config_from_args(args)  # every setting is checked here, before Ray starts
-    config, num_sites = prepare_run(
+    config, num_sites, encoding_seconds = prepare_run(
         config,
         out=args.out,
         partition=args.partition,
@@ -42,7 +42,6 @@ def run_simulate(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         server_eval=not args.no_server_eval,
     )
-    encoding_seconds = encode_once(config)
     if args.prepare_only:
         print(flwr_run_command(config, num_sites))
         return 0

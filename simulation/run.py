@@ -26,9 +26,10 @@ def prepare_run(
     alpha: float = 0.5,
     server_eval: bool = True,
     log=print,
-) -> tuple[RunConfig, int]:
-    """Load the data once, write each site's partition (and the server's held-out copy), and
-    return the run config pointing at them with the number of simulated sites."""
+) -> tuple[RunConfig, int, float]:
+    """Load the data once, write each site's partition (and the server's held-out copy), fill the
+    shared encoding cache, and return the run config pointing at them, the number of simulated
+    sites and the seconds the encoding took."""
     from server.strategy import STRATEGIES
 
     if config.fed.strategy not in STRATEGIES:  # before any work: a clear line, not a Ray traceback
@@ -45,10 +46,10 @@ def prepare_run(
     flat["fed.out-dir"] = str(out.resolve())
     if server_eval:
         flat["fed.server-eval-data"] = str(save_dataset(dataset, folder / "server-eval").resolve())
-    return RunConfig.from_flat(flat), len(parts)
+    return RunConfig.from_flat(flat), len(parts), encode_once(config, dataset.catalogue.texts)
 
 
-def encode_once(config: RunConfig) -> float:
+def encode_once(config: RunConfig, texts: list[str]) -> float:
     """Fill the shared on-disk encoding cache before the sites start, so no site encodes the catalogue.
 
     Returns the seconds it took (near zero when the cache already holds every text).
@@ -56,7 +57,7 @@ def encode_once(config: RunConfig) -> float:
     from hiermodel.encoding_cache import encode_catalogue
 
     started = time.perf_counter()
-    encode_catalogue(config.data.load().catalogue.texts, backbone=config.model.backbone, max_tokens=config.model.max_tokens)
+    encode_catalogue(texts, backbone=config.model.backbone, max_tokens=config.model.max_tokens)
     return time.perf_counter() - started
 
 

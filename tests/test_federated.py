@@ -94,7 +94,7 @@ def test_bad_configuration_is_one_line_before_ray_starts(extra, fragment, tmp_pa
 def simulated(tiny_backbone: str, tmp_path_factory):
     """3 sites x 2 rounds through Flower's Simulation Engine, recording every reply the server gets."""
     import server.strategy as strategy_module
-    from simulation.run import encode_once, prepare_run, simulate
+    from simulation.run import prepare_run, simulate
 
     captured: list[tuple[str, RecordDict]] = []
     original = strategy_module.RecordingMixin._usable
@@ -111,8 +111,7 @@ def simulated(tiny_backbone: str, tmp_path_factory):
             "model.backbone": tiny_backbone, "model.dim": 8, "model.max-tokens": 8, "model.max-history-items": 12,
             "model.max-baskets": 4, "train.batch-size": 32,
         })
-        config, sites = prepare_run(config, out=out, partition="natural", num_clients=None, log=lambda *_: None)
-        encode_once(config)
+        config, sites, _ = prepare_run(config, out=out, partition="natural", num_clients=None, log=lambda *_: None)
         results = simulate(config, num_sites=sites, log=lambda *_: None)
     finally:
         strategy_module.RecordingMixin._usable = original
