@@ -43,11 +43,9 @@ def recommend(
     items = model.scorer.item_vectors(candidates.sentence, 1)  # (1, N, d)
     scorer = model.scorer
     cosine = scorer.text_scores(z.unsqueeze(1), items)[0, 0] / scorer.text_scale  # (N,)
-    x = torch.cat([candidates.features[0], cosine.unsqueeze(-1)], dim=-1)  # (N, F+1)
+    linear, interaction = (part[0] for part in scorer.parts(scorer.text_scale * cosine[None], candidates.features))
     wide_text = scorer.wide.weight[0, -1]
-    linear = scorer.wide(x).squeeze(-1)  # (N,)
-    interaction = scorer.output(torch.relu(scorer.hidden(x))).squeeze(-1)  # (N,)
-    scores = linear + interaction
+    scores = linear + interaction  # (N,)
     # w·cos(z, t) = Σ_l w·λ_l (z_l·t)/(|z||t|): an exact split of the linear text term over the levels
     per_level = wide_text * lam[0, :, None] * (users[0] @ items[0].T) / z[0].norm().clamp(min=1e-12)
     top = torch.argsort(scores, descending=True, stable=True)[:n].tolist()

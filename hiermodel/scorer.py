@@ -62,7 +62,12 @@ class Scorer(nn.Module):
         """users (B, L, d), items (B, C, d) -> scaled cosines (B, L, C)."""
         return self.text_scale * torch.einsum("bld,bcd->blc", F.normalize(users, dim=-1), items)
 
+    def parts(self, text: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear and the MLP part of the score, each (B, C); explanations show them apart."""
+        x = torch.cat([features, text.unsqueeze(-1) / self.text_scale], dim=-1)
+        return self.wide(x).squeeze(-1), self.output(torch.relu(self.hidden(x))).squeeze(-1)
+
     def forward(self, text: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         # text: (B, C) combined text score (scaled cosine), features: (B, C, F) -> (B, C)
-        x = torch.cat([features, text.unsqueeze(-1) / self.text_scale], dim=-1)
-        return (self.wide(x) + self.output(torch.relu(self.hidden(x)))).squeeze(-1)
+        linear, interaction = self.parts(text, features)
+        return linear + interaction
