@@ -15,3 +15,9 @@ class DataError(HierfedError):
 
 class ConfigError(HierfedError):
     """A setting or command-line value is invalid."""
+
+
+def quoted(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a fuzzed 100 kB field stays out of a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hiermodel.data.dataset import Catalogue, Dataset, build_users
-from hiermodel.errors import DataError
+from hiermodel.errors import DataError, quoted
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 INTERACTION_OPTIONAL = ("basket_id", "site")
@@ -24,7 +25,6 @@ ITEM_COLUMNS = ("item_id", "text")
 TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_SITE = "all"
 
-_EPOCH = pd.Timestamp(0, tz="UTC")
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
 
@@ -53,6 +53,21 @@ def first_bad_utf8_line(path: Path) -> int | None:
     return None
 
 
+def first_nul_line(path: Path, head: int = 1 << 16) -> int | None:
+    """The 1-based line of the first NUL byte in a text file's first ``head`` bytes, if any.
+
+    UTF-16 text (without BOM) and binary data decode as "UTF-8" full of NULs; no CSV or TSV holds one.
+    """
+    opener = _OPENERS.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read(head)
+    except (OSError, EOFError, lzma.LZMAError):
+        return None
+    at = data.find(b"\x00")
+    return None if at < 0 else data[:at].count(b"\n") + 1
+
+
 def not_utf8(path: Path, line: int | None = None) -> DataError:
     """The error for a file that is not UTF-8 text."""
     where = f"{path}: line {line}" if line else str(path)
@@ -67,8 +82,20 @@ def read_table(path: Path) -> pd.DataFrame:
         if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path).reset_index(drop=True)  # positions name rows in errors
         else:
-            # Only empty cells are missing: an id such as 'NA' or 'None' stays a string.
-            frame = pd.read_csv(path, dtype=str, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
+            if (line := first_nul_line(path)) is not None:
+                raise not_utf8(path, line)
+            with warnings.catch_warnings():
+                # pandas warns, and drops data, when a row has more fields than the header
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                # Only empty cells are missing: an id such as 'NA' or 'None' stays a string.
+                # index_col=False: extra fields never turn the first column into the index.
+                frame = pd.read_csv(
+                    path, dtype=str, encoding="utf-8-sig", keep_default_na=False, na_values=[""], index_col=False
+                )
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{path}: a row has more fields than the header line; quote fields that hold a comma, or fix the header"
+        ) from None
     except UnicodeDecodeError:
         raise not_utf8(path, first_bad_utf8_line(path)) from None
     except pd.errors.EmptyDataError:
@@ -91,7 +118,9 @@ def require_columns(
     missing = [c for c in required if c not in frame.columns]
     if missing:
         expected = ", ".join(list(required) + [f"[{c}]" for c in optional])
-        found = ", ".join(map(str, frame.columns)) or "none"
+        # Names as written when readable; quoted when they hold odd characters or are long.
+        found = ", ".join(c if c.isprintable() and len(c) <= 60 else quoted(c) for c in map(str, frame.columns))
+        found = found or "none"
         raise DataError(
             f"{path}: missing column(s) {', '.join(missing)}; expected columns {expected} (found: {found})"
         )
@@ -104,7 +133,9 @@ def row_name(index_value: object, unit: str = "row") -> str:
 
 def id_strings(values: pd.Series, *, path: Path, column: str, unit: str = "row") -> pd.Series:
     """Ids as stripped strings (Parquet floats like 17850.0 -> '17850'); DataError on the first empty one."""
-    if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+    numbers = values.dropna()
+    # only floats that are exact integers (|x| < 2**53) become integer ids; others keep their float form
+    if pd.api.types.is_float_dtype(values) and ((numbers % 1 == 0) & (numbers.abs() < 2**53)).all():
         values = values.astype("Int64")
     strings = values.astype("string").str.strip()
     empty = strings.isna() | (strings == "")
@@ -112,6 +143,15 @@ def id_strings(values: pd.Series, *, path: Path, column: str, unit: str = "row")
         first = empty.index[int(np.argmax(empty.to_numpy()))]
         raise DataError(f"{path}: {row_name(first, unit)}: empty {column}; every row needs a {column}")
     return strings.astype(str)
+
+
+def _unix_seconds(times: pd.Series) -> pd.Series:
+    """UTC datetimes as Unix seconds (NaN for NaT), whatever their resolution.
+
+    Not ``times - Timestamp(0)``: that works in nanoseconds, which end in 2262.
+    """
+    micros = times.dt.tz_localize(None).to_numpy().astype("datetime64[us]").astype(np.int64)
+    return pd.Series(np.where(times.isna().to_numpy(), np.nan, micros / 1e6), index=times.index)
 
 
 def parse_timestamps(
@@ -128,19 +168,21 @@ def parse_timestamps(
     seconds and any other is ISO 8601. Naive times are UTC. DataError names the first bad row.
     """
     if pd.api.types.is_datetime64_any_dtype(values):
-        seconds = (pd.to_datetime(values, utc=True) - _EPOCH) / pd.Timedelta(seconds=1)
+        seconds = _unix_seconds(pd.to_datetime(values, utc=True))
     elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         seconds = values.astype("float64")
     else:
         strings = values.astype("string").str.strip()
-        seconds = pd.Series(np.nan, index=values.index) if formats else pd.to_numeric(strings, errors="coerce")
+        # float64, never a nullable Int64 (which could not take the parsed dates in below)
+        numbers = pd.Series(np.nan, index=values.index) if formats else pd.to_numeric(strings, errors="coerce")
+        seconds = numbers.astype("float64")
         for fmt in formats or ("ISO8601",):
             todo = seconds.isna()
             if not todo.any():
                 break
             parsed = pd.to_datetime(strings[todo], format=fmt, utc=True, errors="coerce")
-            seconds[todo] = (parsed - _EPOCH) / pd.Timedelta(seconds=1)
-    bad = seconds.isna().to_numpy()
+            seconds[todo] = _unix_seconds(parsed)
+    bad = ~np.isfinite(seconds.to_numpy(dtype=np.float64))  # NaN, and 'inf' or 1e400 read as numbers
     if bad.any():
         first = int(np.argmax(bad))
         expected = (
@@ -150,7 +192,7 @@ def parse_timestamps(
         )
         raise DataError(
             f"{path}: {row_name(values.index[first], unit)}: cannot parse {column} "
-            f"{str(values.iloc[first])!r}; write it as {expected}"
+            f"{quoted(str(values.iloc[first]))}; write it as {expected}"
         )
     return seconds.to_numpy(dtype=np.float64)
 
@@ -204,13 +246,13 @@ def _load_items(path: Path) -> Catalogue:
         rows = ids.index[duplicated.to_numpy()]
         dup = ids[rows[0]]
         at = ", ".join(row_name(r) for r in rows[(ids[rows] == dup).to_numpy()][:5])
-        raise DataError(f"{path}: duplicate item_id {dup!r} ({at}); give each item one row")
+        raise DataError(f"{path}: duplicate item_id {quoted(dup)} ({at}); give each item one row")
     texts = frame["text"].astype("string").str.strip()
     empty = (texts.isna() | (texts == "")).to_numpy()
     if empty.any():
         first = int(np.argmax(empty))
         raise DataError(
-            f"{path}: {row_name(frame.index[first])}: empty text for item_id {ids.iloc[first]!r}; "
+            f"{path}: {row_name(frame.index[first])}: empty text for item_id {quoted(ids.iloc[first])}; "
             "give every item a text"
         )
     return Catalogue(item_ids=ids.tolist(), texts=texts.astype(str).tolist())
@@ -241,7 +283,7 @@ def load_interactions(folder: Path, *, session_gap_minutes: float = 30.0) -> Dat
         first = int(np.argmax(unknown))
         distinct = item_ids[unknown].nunique()
         raise DataError(
-            f"{path}: {row_name(frame.index[first])}: item_id {item_ids.iloc[first]!r} is not in "
+            f"{path}: {row_name(frame.index[first])}: item_id {quoted(item_ids.iloc[first])} is not in "
             f"{items_path.name} ({int(unknown.sum())} rows, {distinct} unknown ids in all); "
             f"add them to {items_path.name} or drop those rows"
         )

@@ -10,7 +10,7 @@ import pandas as pd
 
 from hiermodel.data.dataset import Catalogue, Dataset
 from hiermodel.data.interactions import DEFAULT_SITE, dataset_from_events, not_utf8, parse_timestamps
-from hiermodel.errors import DataError
+from hiermodel.errors import DataError, quoted
 
 NEWS_FIELDS = (
     "news_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities",
@@ -29,6 +29,8 @@ def _lines(path: Path) -> list[tuple[int, list[str]]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise not_utf8(path, data[: exc.start].count(b"\n") + 1) from None
+    if (nul := data.find(b"\x00")) >= 0:  # UTF-16 without BOM, or binary data: "valid UTF-8" full of NULs
+        raise not_utf8(path, data[:nul].count(b"\n") + 1)
     # split("\n"), not splitlines(): titles may hold other Unicode line separators.
     lines = enumerate(text.split("\n"), start=1)
     rows = [(n, line.rstrip("\r").split("\t")) for n, line in lines if line.strip()]
@@ -66,7 +68,7 @@ def _load_news(path: Path) -> tuple[Catalogue, int]:
             continue
         text = ". ".join(part for part in (title, abstract) if part)
         if not text:
-            raise _malformed(path, line=line, what=f"news {news_id!r} has neither title nor abstract")
+            raise _malformed(path, line=line, what=f"news {quoted(news_id)} has neither title nor abstract")
         seen.add(news_id)
         ids.append(news_id)
         texts.append(text)
@@ -82,7 +84,7 @@ def _candidate(path: Path, *, line: int, token: str) -> tuple[str, bool]:
         raise _malformed(
             path,
             line=line,
-            what=f"impression {token!r} is not NEWSID-1 or NEWSID-0 "
+            what=f"impression {quoted(token)} is not NEWSID-1 or NEWSID-0 "
             "(the MIND test split has no click labels; use train or dev)",
         )
     return news_id, label == "1"

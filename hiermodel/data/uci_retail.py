@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from hiermodel.data.interactions import (
     require_columns,
     row_name,
 )
-from hiermodel.errors import DataError
+from hiermodel.errors import DataError, quoted
 
 RETAIL_COLUMNS = (
     "InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country",
@@ -46,8 +47,9 @@ def _read(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: reading .xlsx needs openpyxl (pip install openpyxl); or convert the sheet to CSV")
     try:
         frame = pd.read_excel(path, dtype=str)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{path}: cannot read the workbook ({exc}); check that it is a valid .xlsx file") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged .xlsx is a damaged zip
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read the workbook ({detail}); check that it is a valid .xlsx file") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     if frame.empty:
         raise DataError(f"{path}: the table has no data rows")
@@ -120,10 +122,9 @@ def _numbers(values: pd.Series, *, path: Path, column: str) -> pd.Series:
     bad = numbers.isna().to_numpy()
     if bad.any():
         first = int(np.argmax(bad))
-        raise DataError(
-            f"{path}: {row_name(values.index[first])}: {column} {values.iloc[first]!r} is not a number; "
-            "fix or drop the row"
-        )
+        value = values.iloc[first]
+        what = f"empty {column}" if pd.isna(value) else f"{column} {quoted(value)} is not a number"
+        raise DataError(f"{path}: {row_name(values.index[first])}: {what}; fix or drop the row")
     return numbers
 
 
