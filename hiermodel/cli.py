@@ -99,12 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the partitions and print the `flwr run .` command that trains on them, then stop")
     p.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=5 model.dim=32 train.lr=0.003"')
 
-    p = sub.add_parser("bench", help="measure speed and communication side by side; JSON, a BENCHMARKS.md section, PNG")
+    p = sub.add_parser("bench", help="measure speed, communication and scaling side by side; JSON, a BENCHMARKS.md section, PNG")
     add_data_arguments(p)
-    p.add_argument("--suite", default="speed,communication", help="comma-separated: speed, communication")
+    p.add_argument("--suite", default="", help="comma-separated: speed, communication, scaling (default: every suite)")
+    p.add_argument("--scaling-points", default="", help="scaling: only these points, comma-separated (e.g. retail-4,retail-37); "
+                   "the others are listed as not measured")
+    p.add_argument("--rounds", type=int, help="scaling: federated rounds per point (default 2; round 1 is reported apart)")
     p.add_argument("--quick", action="store_true", help="small data (synthetic unless --dataset is given), few steps")
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json, bench.md and speed.png go")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json, bench.md and the PNGs go")
     p.add_argument("--run-config", default="", help="model.* / data.* overrides")
 
     from server.audit import add_audit_arguments  # no Flower there; dp_accounting loads only when auditing

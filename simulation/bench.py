@@ -29,7 +29,7 @@ from hiermodel.plots import plot_series
 from hiermodel.privacy import DPConfig, PrivacyPlan
 from hiermodel.training import TrainConfig, make_optimizer
 
-SUITES = ("speed", "communication")
+SUITES = ("speed", "communication", "scaling")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class BenchSettings:
     naive_steps: int = 2
     encode_items: int = 512
     seed: int = 0
+    scaling: object = None  # simulation.bench_scaling.ScalingSettings (None: its defaults)
 
 
 def machine() -> dict:
@@ -193,6 +194,10 @@ def markdown(report: dict, command: str) -> str:
             f"| download (global trainable state) | {c['download_bytes_per_client_round']:,} | {c['upload_over_backbone']:.2%} |",
             f"| full-model FedAvg (backbone + heads) | {c['full_model_fedavg_bytes']:,} | {c['full_model_fedavg_bytes'] / c['backbone_bytes']:.0%} |",
             ""]
+    if "scaling" in report:
+        from simulation.bench_scaling import markdown as scaling_markdown
+
+        lines += scaling_markdown(report["scaling"])
     return "\n".join(lines)
 
 
@@ -206,6 +211,10 @@ def run_bench(*, suites: list[str], settings: BenchSettings, out: Path, command:
         report["speed"] = speed_suite(settings, log=log)
     if "communication" in suites:
         report["communication"] = communication_suite(settings, log=log)
+    if "scaling" in suites:
+        from simulation.bench_scaling import ScalingSettings, scaling_suite
+
+        report["scaling"] = scaling_suite(settings.scaling or ScalingSettings(), out / "scaling", log=log)
     report["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -215,5 +224,9 @@ def run_bench(*, suites: list[str], settings: BenchSettings, out: Path, command:
         plot_series(out / "speed.png", x=[0, 1, 2], xlabel="pipeline (0 cached, 1 DP, 2 naive)",
                     panels={"users per second": {"users/s": [s["cached_users_per_second"], s["dp_users_per_second"],
                                                              s["naive_users_per_second"]]}})
+    if "scaling" in report:
+        from simulation.bench_scaling import plot as plot_scaling
+
+        plot_scaling(out / "scaling.png", report["scaling"])
     log(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")
     return report

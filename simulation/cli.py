@@ -71,7 +71,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import dataclasses
     import sys
 
-    from simulation.bench import BenchSettings, run_bench
+    from simulation.bench import SUITES, BenchSettings, run_bench
+    from simulation.bench_scaling import scaling_settings
 
     flat = parse_overrides(args.run_config)
     if args.backbone:
@@ -81,9 +82,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.data_path:
         flat["data.data-path"] = args.data_path
     config = RunConfig.from_flat({k: v for k, v in flat.items() if k.split(".")[0] in ("data", "model")})
-    settings = BenchSettings(data=config.data, model=dataclasses.replace(config.model, use_popularity=True))
+    # the scaling points choose their own data; every other key (model.*, dp.*, ...) applies to each of them
+    scaling = scaling_settings(quick=args.quick, overrides={k: v for k, v in flat.items() if k != "data.dataset"},
+                               points=args.scaling_points, rounds=args.rounds)
+    settings = BenchSettings(data=config.data, model=dataclasses.replace(config.model, use_popularity=True), scaling=scaling)
     if args.quick:
         settings = dataclasses.replace(settings, steps=5, naive_steps=1, encode_items=128)
-    run_bench(suites=[s.strip() for s in args.suite.split(",") if s.strip()], settings=settings, out=args.out,
-              command="hierfed " + " ".join(sys.argv[1:]))
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()] or list(SUITES)
+    run_bench(suites=suites, settings=settings, out=args.out, command="hierfed " + " ".join(sys.argv[1:]))
     return 0

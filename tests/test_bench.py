@@ -16,7 +16,8 @@ FIELDS = {
 
 def test_bench_writes_json_markdown_and_plot(tiny_backbone: str, tmp_path) -> None:
     out = tmp_path / "bench"
-    code = main(["bench", "--quick", "--backbone", tiny_backbone, "--out", str(out), "--run-config",
+    # scaling runs whole simulations: tests/test_bench_scaling.py covers it on smaller inputs
+    code = main(["bench", "--quick", "--suite", "speed,communication", "--backbone", tiny_backbone, "--out", str(out), "--run-config",
                  "data.synthetic-users=40 model.dim=8 model.max-tokens=8 model.max-history-items=8"])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
