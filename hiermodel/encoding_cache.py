@@ -7,7 +7,9 @@ Layout of one cache (one folder per backbone fingerprint and token length):
   mask.u8        (rows, T) token presence
   sentence.f16   (rows, D) pooled sentence vectors, float16
 Rows are appended; meta.json is replaced atomically after the data is flushed, so a crash while
-encoding leaves at most unreferenced bytes that the next run truncates.
+encoding leaves at most unreferenced bytes that the next run truncates. meta.json keeps a SHA-256
+per appended segment of every file (and of keys.txt), checked when a cache is opened: a truncated
+or damaged cache is reported, set aside (renamed, not deleted) and rebuilt, never read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from tqdm.auto import tqdm
 
 from hiermodel.backbone import FrozenBackbone
 from hiermodel.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_root() -> Path:
@@ -68,21 +74,44 @@ class EncodingCache:
         self.rows, self.keys = self._read_committed()
 
     def _read_committed(self) -> tuple[int, dict[str, int]]:
-        meta_path = self.folder / "meta.json"
-        if not meta_path.exists():
+        if not (self.folder / "meta.json").exists():
             return 0, {}
-        try:
-            meta = json.loads(meta_path.read_text())
-            rows = int(meta["rows"])
-            keys = (self.folder / "keys.txt").read_text().split()[:rows]
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(
-                f"encoding cache {self.folder} is unreadable ({exc}); delete that folder to rebuild it"
-            ) from exc
-        if len(keys) < rows or meta.get("fingerprint") != self.backbone.fingerprint:
-            raise DataError(f"encoding cache {self.folder} is inconsistent; delete that folder to rebuild it")
-        self._truncate(rows)
+        problem, rows, keys = self._check()
+        if problem:
+            aside = self.folder.with_name(f"{self.folder.name}.damaged-{int(time.time() * 1000)}")
+            os.replace(self.folder, aside)
+            self.folder.mkdir(parents=True)
+            message = f"encoding cache {self.folder}: {problem}; set it aside as {aside.name} and rebuilding it"
+            logger.warning(message)
+            print(f"hierfed: warning: {message}", flush=True)
+            return 0, {}
         return rows, {k: i for i, k in enumerate(keys)}
+
+    def _check(self) -> tuple[str | None, int, list[str]]:
+        """What is wrong with the cache on disk (None when nothing), its committed rows and keys."""
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text())
+            rows, segments = int(meta["rows"]), list(meta["segments"])
+            keys_text = (self.folder / "keys.txt").read_text()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"unreadable or written without checksums ({exc!r})", 0, []
+        keys = keys_text.split()[:rows]  # keys past the committed rows: an append that did not finish
+        if meta.get("fingerprint") != self.backbone.fingerprint or len(keys) != rows or \
+                sum(int(seg["rows"]) for seg in segments) != rows:
+            return "its index does not match its rows", 0, []
+        if _sha256(_keys_text(keys)) != meta.get("keys_sha256"):
+            return "keys.txt fails its checksum", 0, []
+        try:
+            self._truncate(rows)
+        except DataError as exc:
+            return str(exc), 0, []
+        t, d = self.backbone.max_tokens, self.backbone.dim
+        for name, row_bytes in self._files(t, d).items():
+            with open(self.folder / name, "rb") as f:
+                for seg in segments:
+                    if _sha256(f.read(int(seg["rows"]) * row_bytes)) != seg["sha256"].get(name):
+                        return f"{name} fails its checksum (damaged)", 0, []
+        return None, rows, keys
 
     def _truncate(self, rows: int) -> None:
         """Drop bytes past the committed rows (left by an interrupted append)."""
@@ -93,7 +122,7 @@ class EncodingCache:
                 with open(path, "r+b") as f:
                     f.truncate(rows * row_bytes)
             elif rows and (not path.exists() or path.stat().st_size < rows * row_bytes):
-                raise DataError(f"encoding cache file {path} is truncated; delete {self.folder} to rebuild it")
+                raise DataError(f"{name} is truncated")
 
     @staticmethod
     def _files(t: int, d: int) -> dict[str, int]:
@@ -111,13 +140,17 @@ class EncodingCache:
 
     def _append(self, texts: list[str], keys: list[str], *, batch_size: int, progress: bool) -> None:
         files = {name: open(self.folder / name, "ab") for name in self._files(1, 1)}
+        digests = {name: hashlib.sha256() for name in files}
         try:
             bar = tqdm(total=len(texts), desc="encoding items", unit="item", disable=not progress)
             for start in range(0, len(texts), batch_size):
                 enc = self.backbone.encode(texts[start : start + batch_size])
-                files["tokens.f16"].write(enc.token_states.to(torch.float16).numpy().tobytes())
-                files["mask.u8"].write(enc.token_mask.to(torch.uint8).numpy().tobytes())
-                files["sentence.f16"].write(enc.sentence.to(torch.float16).numpy().tobytes())
+                chunks = {"tokens.f16": enc.token_states.to(torch.float16), "mask.u8": enc.token_mask.to(torch.uint8),
+                          "sentence.f16": enc.sentence.to(torch.float16)}
+                for name, tensor in chunks.items():
+                    data = tensor.numpy().tobytes()
+                    files[name].write(data)
+                    digests[name].update(data)
                 bar.update(len(enc.sentence))
             bar.close()
             for f in files.values():
@@ -127,17 +160,25 @@ class EncodingCache:
             for f in files.values():
                 f.close()
         all_keys = [*sorted(self.keys, key=self.keys.get), *keys]
-        _atomic_write(self.folder / "keys.txt", "\n".join(all_keys) + "\n")
+        _atomic_write(self.folder / "keys.txt", _keys_text(all_keys).decode("utf-8"))
+        segments = self._segments() + [{"rows": len(keys), "sha256": {n: h.hexdigest() for n, h in digests.items()}}]
         meta = {
             "fingerprint": self.backbone.fingerprint,
             "backbone": self.backbone.name,
             "max_tokens": self.backbone.max_tokens,
             "dim": self.backbone.dim,
             "rows": len(all_keys),
+            "keys_sha256": _sha256(_keys_text(all_keys)),
+            "segments": segments,
         }
         _atomic_write(self.folder / "meta.json", json.dumps(meta, indent=2))
         self.keys.update({k: self.rows + i for i, k in enumerate(keys)})
         self.rows = len(all_keys)
+
+    def _segments(self) -> list[dict]:
+        if not self.rows:
+            return []
+        return json.loads((self.folder / "meta.json").read_text())["segments"]
 
     def _view(self, rows: np.ndarray) -> ItemEncodings:
         t, d = self.backbone.max_tokens, self.backbone.dim
@@ -153,6 +194,14 @@ class EncodingCache:
             token_mask=torch.from_numpy(np.ascontiguousarray(mask[rows]).astype(bool)),
             sentence=torch.from_numpy(np.ascontiguousarray(sentence[rows])),
         )
+
+
+def _keys_text(keys: list[str]) -> bytes:
+    return ("\n".join(keys) + "\n").encode("utf-8")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _atomic_write(path: Path, text: str) -> None:

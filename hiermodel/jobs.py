@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,10 @@ DATA_FILE = "data.json"
 def write_json(path: Path, payload: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    with open(tmp, "w", encoding="utf-8") as f:  # temporary file, fsync, rename: old content or new, never half
+        f.write(json.dumps(payload, indent=2, default=_jsonable))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 

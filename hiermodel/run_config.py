@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import typing
 from collections.abc import Mapping
@@ -15,9 +16,13 @@ Scalar = typing.Union[str, int, float, bool]
 def parse_overrides(text: str) -> dict[str, Scalar]:
     """'model.dim=32 train.epochs=5' -> {'model.dim': 32, 'train.epochs': 5} (values as TOML-ish scalars)."""
     out: dict[str, Scalar] = {}
-    for token in shlex.split(text or ""):
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError as exc:  # an unbalanced quote
+        raise ConfigError(f"run config {text[:80]!r}: {exc}; quote each key=value (e.g. 'model.backbone=\"my model\"')") from None
+    for token in tokens:
         key, sep, value = token.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"run config entry {token!r} is not key=value (e.g. \"model.num-levels=2\")")
         out[key.strip()] = _scalar(value.strip())
     return out
@@ -56,11 +61,68 @@ def apply_group(config, group: str, values: Mapping[str, Scalar], *, strict: boo
             raise ConfigError(f"unknown run config key {key!r}; valid {group}.* keys: {valid}")
         changes[attr] = _convert(key, value, hints[attr])
     try:
-        return dataclasses.replace(config, **changes)
+        config = dataclasses.replace(config, **changes)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"run config group {group}: {exc}") from exc
+    check_limits(config, group)
+    return config
+
+
+def _at_least(low: float) -> tuple:
+    return (lambda v: v >= low), f"at least {low}"
+
+
+def _one_of(*names: str) -> tuple:
+    return (lambda v: v in names), "one of " + ", ".join(names)
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_FRACTION = ((lambda v: 0 <= v <= 1), "between 0 and 1")
+# Bounds of settings their config class does not check itself: a bad value stops here with one
+# line, not deep in a run after the data was loaded and the catalogue encoded.
+LIMITS: dict[str, tuple] = {
+    **{f"data.{k}": _at_least(1) for k in ("synthetic-users", "synthetic-sites")},
+    "data.session-gap-minutes": _POSITIVE,
+    **{f"model.{k}": _at_least(1) for k in (
+        "backbone-dim", "max-tokens", "dim", "max-history-items", "max-baskets", "max-basket-items", "scorer-hidden",
+        "num-repeat-features", "num-features", "stats-dim")},
+    **{f"model.{k}": _at_least(0) for k in ("num-topics", "level-loss-weight", "topic-loss-weight")},
+    "model.text-scale": _POSITIVE,
+    "model.combiner": _one_of("learned", "fixed", "validation"),
+    **{f"train.{k}": _at_least(1) for k in ("epochs", "batch-size", "max-positives", "eval-batch-size")},
+    **{f"train.{k}": _at_least(0) for k in ("weight-decay", "random-negatives", "in-batch-negatives", "patience")},
+    "train.lr": _POSITIVE,
+    "train.targets": _one_of("uniform", "latest", "all"),
+    "train.negatives": _one_of("catalogue", "sampled"),
+    "fed.min-nodes": _at_least(1),
+    "fed.round-timeout": _POSITIVE,
+    "fed.server-lr": _POSITIVE,
+    "fed.proximal-mu": _at_least(0),
+    "fed.fraction-train": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "fed.fraction-evaluate": _FRACTION,
+    "fed.trim-beta": ((lambda v: 0 <= v < 0.5), "in [0, 0.5)"),
+    "dp.random-negatives": _at_least(0),
+    "dp.negatives": _one_of("catalogue", "sampled"),
+}
+
+
+def check_limits(config, group: str) -> None:
+    """ConfigError naming the first ``group.*`` setting of ``config`` outside its bounds."""
+    for f in dataclasses.fields(config):
+        key = field_key(group, f.name)
+        if key in LIMITS:
+            valid, what = LIMITS[key]
+            value = getattr(config, f.name)
+            if not valid(value):
+                raise ConfigError(f"run config key {key!r} must be {what}, got {value!r}")
+    lam = getattr(config, "fixed_lambda", None) if group == "model" else None
+    if lam is not None and (len(lam) != config.num_levels or min(lam) < 0 or sum(lam) <= 0):
+        raise ConfigError(
+            f"model.fixed-lambda {','.join(map(str, lam))}: give {config.num_levels} non-negative weights "
+            f"(one per level, model.num-levels={config.num_levels}), e.g. model.fixed-lambda=0.2,0.3,0.5"
+        )
 
 
 def _convert(key: str, value: Scalar, hint) -> object:
@@ -73,7 +135,14 @@ def _convert(key: str, value: Scalar, hint) -> object:
     try:
         if origin is list:
             items = value.split(",") if isinstance(value, str) else [value]
-            return [args[0](x) for x in items]
+            converted = [args[0](x) for x in items]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in converted):
+                raise ValueError
+            return converted
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError  # int(True) would be 1
+        if hint is float and not math.isfinite(float(value)):
+            raise ConfigError(f"run config key {key!r}: {value!r} is not a finite number")
         if hint is bool:
             if isinstance(value, bool):
                 return value
@@ -103,7 +172,7 @@ class FedConfig:
     """Federated rounds (run config group `fed.*`)."""
 
     rounds: int = 3
-    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedtrimmedavg
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedtrimmedavg | fedmedian | krum | bulyan
     local_epochs: int = 1
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -112,17 +181,23 @@ class FedConfig:
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 0.01  # fedadam / fedyogi η
     trim_beta: float = 0.2  # fedtrimmedavg: share cut from each end
+    malicious_sites: int = 1  # krum / bulyan: how many poisoned sites to tolerate
+    max_update_norm: float = 0.0  # reject a site whose update (its state - the global one) is longer; 0: no bound
     personal_lambda: bool = False  # keep the combiner λ local to each site
     evaluate_split: str = "validation"  # what sites report in federated evaluation: validation | test
     server_eval_data: str = ""  # a saved data set the server evaluates the global model on each round
     out_dir: str = "runs/flwr"  # the run directory the server writes
     partitions_dir: str = ""  # simulation: the prepared partitions, one folder per partition-id
+    run_id: str = ""  # set by the server at the start; sites key their saved privacy state by it
+    resume: bool = False  # continue the run in out-dir from its last completed round
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"fed.rounds must be at least 1, got {self.rounds}")
         if self.local_epochs < 1:
             raise ConfigError(f"fed.local-epochs must be at least 1, got {self.local_epochs}")
+        if self.malicious_sites < 0 or self.max_update_norm < 0:
+            raise ConfigError("fed.malicious-sites and fed.max-update-norm must be >= 0")
         if self.evaluate_split not in ("validation", "test"):
             raise ConfigError(f"fed.evaluate-split must be validation or test, got {self.evaluate_split!r}")
 

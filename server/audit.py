@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hiermodel.errors import ConfigError, DataError
-from server.ledger import LEDGER_FILE, read_ledger
+from server.ledger import GENESIS, LEDGER_FILE, read_ledger, round_digest
 
 DEFAULT_TOLERANCE = 0.02
 # Accepted on top of the relative tolerance: Opacus' PRV accountant reports the upper end of its
@@ -187,6 +187,7 @@ class SiteRow:
     rounds_trained: int
     rounds_declined: int
     total_steps: int
+    unreported_steps: int  # spent by the site in rounds whose reply the server never recorded
     sigma: tuple[float, float]  # lowest and highest σ of the trained rounds
     sample_rate: tuple[float, float]
     epsilon_reported: float
@@ -225,6 +226,8 @@ class _Audit:
         self.findings: list[Finding] = []
         self.open_rounds: dict[int, list[str]] = {}  # round -> sites whose records await its round record
         self.closed = 0  # the last round a round record closed
+        self.round_records: dict[int, list[dict]] = {}  # round -> its site records, for the digest chain
+        self.digest = GENESIS
 
     def flag(self, kind: str, message: str, *, site: str | None, server_round: int | None) -> None:
         self.findings.append(Finding(kind=kind, site=site, round=server_round, message=message))
@@ -237,6 +240,7 @@ class _Audit:
         self._check_sequence(record, records[-1] if records else None)
         records.append(record)
         self.open_rounds.setdefault(record["round"], []).append(record["site"])
+        self.round_records.setdefault(record["round"], []).append(record)
 
     def _check_sequence(self, record: dict, previous: dict | None) -> None:
         seq, total, server_round = record["seq"], record["total_steps"], record["round"]
@@ -244,9 +248,9 @@ class _Audit:
         if seq != last_seq + 1:
             self.flag_record("gap", record, f"seq {seq} follows seq {last_seq}: "
                              f"{seq - last_seq - 1} record(s) of this site are missing or repeated")
-        if total != last_total + record["steps"]:
-            self.flag_record("gap", record, f"total_steps {total} is not the previous {last_total} "
-                             f"+ this round's {record['steps']}: steps are missing from the ledger")
+        if total != last_total + record["steps"] + record["unreported_steps"]:
+            self.flag_record("gap", record, f"total_steps {total} is not the previous {last_total} + this round's "
+                             f"{record['steps']} + {record['unreported_steps']} unreported: steps are missing from the ledger")
         if previous and server_round <= previous["round"]:
             self.flag_record("inconsistent", record, f"round {server_round} follows the site's round {previous['round']}")
         elif server_round <= self.closed:
@@ -275,6 +279,12 @@ class _Audit:
                       site=None, server_round=server_round)
         for earlier in sorted(r for r in self.open_rounds if r < server_round):
             self._unclosed(earlier)
+        expected = round_digest(self.digest, self.round_records.pop(server_round, []))
+        if record["digest"] != expected:
+            self.flag("tampered", f"round {server_round}'s digest does not match its records and the rounds before: "
+                      "a record was edited, removed or reordered (or the run was resumed from another ledger)",
+                      site=None, server_round=server_round)
+        self.digest = record["digest"]  # check each later round against the chain as written
         present = self.open_rounds.pop(server_round, [])
         for name in (n for n in listed if n not in present):
             self.flag("gap", f"round {server_round} lists site {name} but the ledger has no record of it that round",
@@ -293,7 +303,9 @@ class _Audit:
         for server_round in sorted(self.open_rounds):
             self._unclosed(server_round)
         names = sorted(self.sites)
-        rounds = [[(r["sample_rate"], r["noise_multiplier"], r["steps"] if r["status"] == "trained" else 0, r["delta"])
+        # unreported steps were spent at the site's (fixed) mechanism too: they are composed like the others
+        rounds = [[(r["sample_rate"], r["noise_multiplier"],
+                    (r["steps"] if r["status"] == "trained" else 0) + r["unreported_steps"], r["delta"])
                    for r in self.sites[name]] for name in names]
         for name, recomputed in zip(names, _series_by_site(rounds, accountant=self.accountant, workers=workers)):
             records = self.sites[name]
@@ -329,7 +341,7 @@ class _Audit:
             rates = [r["sample_rate"] for r in trained] or [last["sample_rate"]]
             rows.append(SiteRow(
                 site=name, rounds_trained=len(trained), rounds_declined=len(records) - len(trained),
-                total_steps=last["total_steps"], sigma=(min(sigmas), max(sigmas)), sample_rate=(min(rates), max(rates)),
+                total_steps=last["total_steps"], unreported_steps=sum(r["unreported_steps"] for r in records), sigma=(min(sigmas), max(sigmas)), sample_rate=(min(rates), max(rates)),
                 epsilon_reported=point.reported, epsilon_recomputed=point.recomputed, budget=last["budget_epsilon"],
                 remaining=last["budget_epsilon"] - point.recomputed, ok=name not in flagged,
             ))
@@ -374,6 +386,7 @@ _COLUMNS: list[tuple[str, Callable[[SiteRow], str]]] = [
     ("trained", lambda r: str(r.rounds_trained)),
     ("declined", lambda r: str(r.rounds_declined)),
     ("steps", lambda r: str(r.total_steps)),
+    ("unreported", lambda r: str(r.unreported_steps)),
     ("σ", lambda r: _span(r.sigma)),
     ("q", lambda r: _span(r.sample_rate)),
     ("ε reported", lambda r: f"{r.epsilon_reported:.4f}"),
@@ -476,6 +489,12 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accountant", choices=AUDIT_ACCOUNTANTS, default="pld",
                         help="dp_accounting accountant that recomputes ε: pld (default; compares with Opacus' prv) or rdp")
     parser.add_argument("--plot", type=Path, help="where to write the ε-per-round PNG (default RUN_DIR/epsilon.png)")
+    empirical = parser.add_argument_group("empirical audit (canary users, one training run)")
+    empirical.add_argument("--empirical", action="store_true",
+                           help="train --site again with canary users and bound its ε from below (exit 1 above the claimed ε)")
+    empirical.add_argument("--site", help="with --empirical: the site to audit, by its name in the run's partitions")
+    empirical.add_argument("--canaries", type=int, default=200, metavar="M", help="with --empirical: canary users (default 200)")
+    empirical.add_argument("--confidence", type=float, default=0.95, help="with --empirical: of the lower bound (default 0.95)")
 
 
 def ledger_path(run_dir: Path) -> Path:
@@ -488,6 +507,10 @@ def ledger_path(run_dir: Path) -> Path:
 
 def run_audit(args: argparse.Namespace) -> int:
     """Audit a run's ledger, print the report, write the plot; 0 when all is well, 1 on findings."""
+    if getattr(args, "empirical", False):
+        return run_empirical_audit(args)
+    if getattr(args, "site", None):
+        raise ConfigError("--site picks the site of an empirical audit: add --empirical")
     ledger = ledger_path(args.run_dir)
     report = audit_ledger(ledger, tolerance=args.tolerance, accountant=args.accountant)
     plot = args.plot or ledger.parent / "epsilon.png"
@@ -500,3 +523,23 @@ def run_audit(args: argparse.Namespace) -> int:
         if report.series:
             print(f"\nε per round: {plot}")
     return 0 if report.ok else 1
+
+
+def run_empirical_audit(args: argparse.Namespace) -> int:
+    """`hierfed audit RUN_DIR --empirical --site NAME`: the canary audit of hiermodel.canary_audit;
+    prints the table (or --json), writes RUN_DIR/empirical-audit-NAME.json; 1 when ε_lb > claimed ε."""
+    from hiermodel.canary_audit import audit_site, format_report, load_site, report_path, write_report
+
+    if not args.site:
+        raise ConfigError("--empirical needs --site NAME: the site whose training is audited")
+    if not Path(args.run_dir).is_dir():
+        raise DataError(f"{args.run_dir}: no such run directory; pass the folder `hierfed simulate --out` wrote")
+    dataset, config = load_site(args.run_dir, args.site)
+    audit = audit_site(dataset, config, site=args.site, canaries=args.canaries, confidence=args.confidence,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    path = write_report(audit, report_path(args.run_dir, args.site))
+    if args.json:
+        print(json.dumps(audit.to_dict(), indent=2))
+    else:
+        print(format_report(audit) + f"\n\nreport: {path}")
+    return 0 if audit.ok else 1

@@ -2,14 +2,23 @@
 
 One JSON object per line: a "site-round" record per site that replied, then a "round" record
 naming those sites. Each round is written in one go, flushed and fsynced, so the file holds every
-completed round after a crash.
+completed round after a crash. Each round record carries a digest: SHA-256 over the previous
+round's digest and this round's site records, so an edited, removed or reordered record breaks
+the chain from there on (an integrity check, not a signature: whoever can write the file can
+recompute it).
+
+A site whose reported total steps exceeds what the ledger holds for it spent steps the server
+never recorded (its reply was lost, came after the round timeout, or the server was killed
+mid-round): the server writes them as that record's ``unreported_steps``, so they are composed too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
+import time
 from pathlib import Path
 
 from hiermodel.errors import DataError
@@ -23,8 +32,10 @@ SITE_FIELDS = {
     "kind": "str", "round": "int", "site": "str", "seq": "int", "status": "str", "accountant": "str",
     "noise_multiplier": "float", "sample_rate": "float", "steps": "int", "total_steps": "int",
     "clip_norm": "float", "delta": "float", "epsilon": "float", "budget_epsilon": "float", "users": "int",
+    "unreported_steps": "int",
 }
-ROUND_FIELDS = {"kind": "str", "round": "int", "sites": "list"}
+ROUND_FIELDS = {"kind": "str", "round": "int", "sites": "list", "digest": "str"}
+GENESIS = "0" * 64  # the digest "before" the first round
 _TYPES = {"str": (str,), "int": (numbers.Integral,), "float": (numbers.Real,), "list": (list,)}  # numpy scalars too
 _PLAIN = {"int": int, "float": float, "str": str, "list": list}
 
@@ -52,8 +63,10 @@ def _site_values_problem(record: dict) -> str | None:
         return f"status is {record['status']!r}, expected one of {', '.join(STATUSES)}"
     if record["accountant"] not in ACCOUNTANTS:
         return f"accountant is {record['accountant']!r}, expected one of {', '.join(ACCOUNTANTS)}"
-    if record["round"] < 1 or record["seq"] < 1 or record["steps"] < 0 or record["total_steps"] < record["steps"]:
-        return "round and seq must be >= 1 and 0 <= steps <= total_steps"
+    if record["round"] < 1 or record["seq"] < 1 or record["steps"] < 0 or record["unreported_steps"] < 0:
+        return "round and seq must be >= 1, steps and unreported_steps >= 0"
+    if record["total_steps"] < record["steps"] + record["unreported_steps"]:
+        return "total_steps must be at least steps + unreported_steps"
     if record["status"] == "declined" and record["steps"] != 0:
         return f"a declined round has 0 steps, this one has {record['steps']}"
     if not (0 < record["sample_rate"] <= 1 and 0 < record["delta"] < 1):
@@ -64,25 +77,42 @@ def _site_values_problem(record: dict) -> str | None:
     return None
 
 
-def read_ledger(path: Path) -> list[dict]:
-    """Every record of a ledger file, in order; DataError names the first malformed line."""
-    path = Path(path)
+def canonical(record: dict) -> str:
+    """A site record as the digest sees it: its fields only, keys sorted, no spaces."""
+    return json.dumps({name: record[name] for name in SITE_FIELDS}, sort_keys=True, separators=(",", ":"))
+
+
+def round_digest(previous: str, site_records: list[dict]) -> str:
+    """The chain digest a round record carries: over the previous digest and this round's site records."""
+    text = "\n".join([previous, *(canonical(r) for r in site_records)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no privacy ledger here; pass a run directory holding {LEDGER_FILE}, or the file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the privacy ledger ({exc}); check the file and its permissions") from None
+
+
+def _parse(line: str) -> tuple[dict | None, str | None]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg} at column {exc.colno})"
+    return record, record_problem(record)
+
+
+def read_ledger(path: Path) -> list[dict]:
+    """Every record of a ledger file, in order; DataError names the first malformed line."""
+    path = Path(path)
     records = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problem = f"not JSON ({exc.msg} at column {exc.colno})"
-        else:
-            problem = record_problem(record)
+        record, problem = _parse(line)
         if problem:
             raise DataError(
                 f"{path}, line {number}: {problem}; the line is truncated or edited — restore it, or remove it "
@@ -92,37 +122,86 @@ def read_ledger(path: Path) -> list[dict]:
     return records
 
 
+def completed_rounds(path: Path) -> tuple[list[dict], list[str]]:
+    """The records up to the last round record whose digest chain holds, and the lines after it.
+
+    What follows the last intact round is what a crash mid-round or mid-write leaves: site records
+    of an unclosed round, the last of them possibly cut short. A malformed line with lines after
+    it, or a broken digest chain, is not a torn tail but an edit or corruption: DataError.
+    """
+    lines = [line for line in _read_lines(Path(path)) if line.strip()]
+    records: list[dict] = []
+    digest, pending, kept = GENESIS, [], 0
+    for number, line in enumerate(lines, 1):
+        record, problem = _parse(line)
+        if problem:
+            if number < len(lines):
+                raise DataError(f"{path}, record {number}: {problem}, and records follow it: the ledger is "
+                                "corrupted, not cut short by a crash; restore it before resuming")
+            break
+        if record["kind"] == "site-round":
+            pending.append(record)
+            continue
+        if record["digest"] != round_digest(digest, pending):
+            raise DataError(f"{path}, record {number}: round {record['round']}'s digest does not match the records "
+                            "before it; the ledger was edited or corrupted — restore it before resuming")
+        records += [*pending, record]
+        digest, pending, kept = record["digest"], [], number
+    return records, lines[kept:]
+
+
 class PrivacyLedger:
     """Appends rounds to a ledger file; a ledger that already exists (a resumed run) is continued."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._seq: dict[str, int] = {}
+        self._total: dict[str, int] = {}
+        self._digest = GENESIS
         if self.path.exists():
             for record in read_ledger(self.path):
                 if record["kind"] == "site-round":
                     self._seq[record["site"]] = max(self._seq.get(record["site"], 0), record["seq"])
+                    self._total[record["site"]] = record["total_steps"]
+                else:
+                    self._digest = record["digest"]
+
+    @property
+    def last_round(self) -> int:
+        """The last round the ledger closed (0 when it has none)."""
+        if not self.path.exists():
+            return 0
+        rounds = [r["round"] for r in read_ledger(self.path) if r["kind"] == "round"]
+        return max(rounds, default=0)
 
     def append_round(self, server_round: int, records: list[dict]) -> None:
         """Validate the sites' records, number them, and write them and the round record durably."""
         sites = [r.get("site") for r in records]
         if len(set(sites)) != len(sites):
             raise ValueError(f"round {server_round}: a site has more than one record ({sites})")
-        seq = dict(self._seq)
-        lines = []
+        seq, totals = dict(self._seq), dict(self._total)
+        written = []
         for reported in records:
             site = reported.get("site")
             if reported.get("round", server_round) != server_round:
                 raise ValueError(f"round {server_round}: the record of site {site!r} is for round {reported['round']}")
             seq[site] = seq.get(site, 0) + 1
-            record = {**reported, "kind": "site-round", "round": server_round, "seq": seq[site]}
+            steps = reported.get("steps", 0) if reported.get("status") == "trained" else 0
+            # what the site counts beyond this round and what the ledger holds: spent, never recorded
+            unreported = reported.get("unreported_steps",
+                                      max(0, int(reported.get("total_steps", 0)) - steps - totals.get(site, 0)))
+            record = {**reported, "kind": "site-round", "round": server_round, "seq": seq[site],
+                      "unreported_steps": unreported}
             problem = record_problem(record)
             if problem:
                 raise ValueError(f"round {server_round}, site {site!r}: {problem}")
-            lines.append(json.dumps({name: _PLAIN[kind](record[name]) for name, kind in SITE_FIELDS.items()}))
-        lines.append(json.dumps({"kind": "round", "round": server_round, "sites": sites}))
+            written.append({name: _PLAIN[kind](record[name]) for name, kind in SITE_FIELDS.items()})
+            totals[site] = written[-1]["total_steps"]
+        digest = round_digest(self._digest, written)
+        lines = [json.dumps(r) for r in written]
+        lines.append(json.dumps({"kind": "round", "round": server_round, "sites": sites, "digest": digest}))
         self._write("".join(line + "\n" for line in lines))
-        self._seq = seq  # only once the round is on disk
+        self._seq, self._total, self._digest = seq, totals, digest  # only once the round is on disk
 
     def _write(self, text: str) -> None:
         created = not self.path.exists()
@@ -131,9 +210,48 @@ class PrivacyLedger:
             f.write(text)  # one write per round keeps a crash from interleaving rounds
             f.flush()
             os.fsync(f.fileno())
-        if created and hasattr(os, "O_DIRECTORY"):  # a new file's name is durable only once its folder is synced
-            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if created:
+            sync_folder(self.path.parent)
+
+
+def keep_completed_rounds(path: Path, last_round: int) -> Path | None:
+    """Cut the ledger back to its round ``last_round`` for a resumed run.
+
+    The lines after it (a torn write, or rounds the run directory holds no checkpoint of) are moved
+    to a side file, not dropped; the ledger itself is replaced atomically. Returns the side file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    records, tail = completed_rounds(path)
+    ends = [i + 1 for i, r in enumerate(records) if r["kind"] == "round" and r["round"] <= last_round]
+    keep = ends[-1] if ends else 0
+    lines = [json.dumps(r) for r in records]
+    dropped = lines[keep:] + tail
+    if not dropped:
+        return None
+    side = path.with_name(f"{path.name}.after-round-{last_round}.{int(time.time())}")
+    atomic_write_text(side, "".join(line + "\n" for line in dropped))
+    atomic_write_text(path, "".join(line + "\n" for line in lines[:keep]))
+    return side
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content: temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a new or renamed file's name durable (where the platform allows it)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -26,7 +26,7 @@ class RunResults:
         self.run_dir = run_dir
         self.model = model
         self.log = log
-        self.rounds: list[dict] = []
+        self.rows: list[dict] = []
         self.initial: dict[str, float] = {}
         self.sites = _site_names(config)
         self.ledger = PrivacyLedger(run_dir.folder / LEDGER_FILE) if config.dp.enabled else None
@@ -38,32 +38,42 @@ class RunResults:
         if server_round == 0:
             self.initial = server_metrics
             return
-        self.run_dir.checkpoint(server_round, state)
+        checkpoint = self.run_dir.checkpoint(server_round, state)
         entry = self.round_log.entry(server_round)
         row = {
             "round": server_round,
+            "checkpoint": checkpoint,
             "train": entry.get("train", {}),
             "client_evaluate": entry.get("client_evaluate", {}),
             "server_evaluate": server_metrics,
             "clients": self._clients(entry),
             "sites": self._site_metrics(entry),
-            "failures": entry["failures"],
-            "replies": {"train": sum("train_metrics" in c for c in entry["clients"].values()),
-                        "failed": len(entry["failures"])},
+            "failures": [{**f, "site": self._site_of(entry["clients"].get(f["node"], {}), f["node"])} for f in entry["failures"]],
+            "rejected": [{**r, "site": self._site_of(entry["clients"][r["node"]], r["node"])} for r in entry.get("rejected", [])],
+            "replies": self._reply_counts(entry),
             "wall_seconds": time.time() - entry.get("started", time.time()),
             "time": self._time_split(entry, evaluate_seconds),
         }
-        self.rounds.append(row)
+        self.rows.append(row)
         if self.ledger is not None:
             self.ledger.append_round(server_round, self._privacy_records(server_round, entry))
         self.run_dir.write_results(self._payload())
         shown = server_metrics or row["client_evaluate"]
         self.log(
-            f"round {server_round}/{self.config.fed.rounds}: {row['replies']['train']} sites trained, "
-            f"{row['replies']['failed']} failed, loss {row['train'].get('loss', float('nan')):.4f}, "
+            f"round {server_round}/{self.config.fed.rounds}: {row['replies']['train']} sites aggregated, "
+            f"{row['replies']['rejected']} rejected, {row['replies']['failed']} failed, loss {row['train'].get('loss', float('nan')):.4f}, "
             f"ndcg@10 {shown.get('ndcg@10', float('nan')):.4f}, explore@20 {shown.get('explore_recall@20', float('nan')):.4f} "
             f"({row['wall_seconds']:.1f}s)"
         )
+
+    @staticmethod
+    def _reply_counts(entry: dict) -> dict[str, int]:
+        """How the sites' training replies ended: aggregated, declined (no budget or no users), rejected, failed."""
+        metrics = [c for c in entry["clients"].values() if "train_metrics" in c]
+        declined = sum(c["train_metrics"].get("num-examples") == 0 for c in metrics)
+        rejected = len(entry.get("rejected", []))
+        return {"train": len(metrics) - declined - rejected, "declined": declined, "rejected": rejected,
+                "failed": len(entry["failures"])}
 
     @staticmethod
     def _time_split(entry: dict, evaluate_seconds: float) -> dict[str, float]:
@@ -128,17 +138,21 @@ class RunResults:
         return f"node-{node}"
 
     def _payload(self) -> dict:
-        return {"run_config": self.config.to_flat(), "initial_server_evaluate": self.initial, "rounds": self.rounds}
+        return {"run_config": self.config.to_flat(), "initial_server_evaluate": self.initial, "rounds": self.rows}
 
-    def finish(self, result, *, wall_seconds: float) -> dict:
+    def resume_from(self, rows: list[dict], initial: dict) -> None:
+        """Continue after rounds a killed run already completed."""
+        self.rows = list(rows)
+        self.initial = dict(initial)
+
+    def finish(self, state: dict[str, np.ndarray], *, wall_seconds: float) -> dict:
         """The final global model, results.json and the plots."""
-        state = {k: a.numpy() for k, a in result.arrays.items()}
         self.run_dir.write_model(self.model.load(state), self.config)
         payload = {**self._payload(), "wall_seconds": wall_seconds,
                    "trainable_parameters": int(sum(v.size for v in state.values())),
-                   "final": self.rounds[-1] if self.rounds else {}}
+                   "final": self.rows[-1] if self.rows else {}}
         self.run_dir.write_results(payload)
-        self.run_dir.plot(self.rounds, site_split=self.config.fed.evaluate_split)
+        self.run_dir.plot(self.rows, site_split=self.config.fed.evaluate_split)
         self.log(f"wrote {self.run_dir.folder}: results.json, model/, checkpoints/, metrics.png")
         return payload
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from hiermodel.errors import DataError
 from hiermodel.jobs import DATA_FILE, MODEL_DIR, write_json
 from hiermodel.model import CONFIG_FILE, HierModel
 from hiermodel.plots import plot_series
 from hiermodel.run_config import RunConfig
+from server.ledger import sync_folder
+
+CONFIG_FILE_NAME = "run_config.json"
+RESULTS_FILE = "results.json"
 
 
 class RunDirectory:
@@ -23,19 +31,78 @@ class RunDirectory:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "checkpoints").mkdir(exist_ok=True)
 
-    def write_config(self, config: RunConfig) -> None:
-        write_json(self.folder / "run_config.json", config.to_flat())
+    def set_aside_previous_run(self) -> Path | None:
+        """A new run in a folder that holds an old one: move the old run's records into previous-<time>/.
 
-    def checkpoint(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
-        """The global trainable state after a round, as safetensors (written then renamed)."""
-        path = self.folder / "checkpoints" / f"round-{server_round:04d}.safetensors"
+        Without this the new run would append to the old ledger and overwrite its checkpoints.
+        """
+        old = [self.folder / n for n in (RESULTS_FILE, "ledger.jsonl", "checkpoints", MODEL_DIR)]
+        old = [p for p in old if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+        if not old:
+            return None
+        target = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.mkdir()
+        for path in old:
+            os.replace(path, target / path.name)
+        (self.folder / "checkpoints").mkdir(exist_ok=True)
+        return target
+
+    def write_config(self, config: RunConfig) -> None:
+        write_json(self.folder / CONFIG_FILE_NAME, config.to_flat())
+
+    def read_config(self) -> RunConfig:
+        """The run config the run was started with (for resuming it)."""
+        path = self.folder / CONFIG_FILE_NAME
+        try:
+            flat = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{path} not found: {self.folder} holds no run to resume; start a new run there instead") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path} is unreadable ({exc}); it is needed to resume the run") from None
+        return RunConfig.from_flat(flat)
+
+    def read_results(self) -> dict:
+        path = self.folder / RESULTS_FILE
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path} is unreadable ({exc}); restore it to resume (it is written atomically, "
+                            "so this is damage from outside the run)") from None
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.folder / "checkpoints" / f"round-{server_round:04d}.safetensors"
+
+    def checkpoint(self, server_round: int, state: dict[str, np.ndarray]) -> dict[str, str]:
+        """The global trainable state after a round, as safetensors: temporary file, fsync, rename.
+
+        Returns the file name and its SHA-256, which the round's results row keeps to check it later.
+        """
+        path = self.checkpoint_path(server_round)
         tmp = path.with_suffix(".tmp")
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
+        digest = file_sha256(tmp, sync=True)
         os.replace(tmp, path)
-        return path
+        sync_folder(path.parent)
+        return {"file": f"checkpoints/{path.name}", "sha256": digest}
+
+    def load_checkpoint(self, server_round: int, sha256: str) -> dict[str, np.ndarray]:
+        """A round's checkpoint, after checking it against its SHA-256; DataError when it does not match."""
+        path = self.checkpoint_path(server_round)
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            raise DataError(f"checkpoint {path} is missing or unreadable ({exc})") from None
+        if digest != sha256:
+            raise DataError(f"checkpoint {path} fails its checksum (truncated or damaged)")
+        try:
+            return {k: v.numpy() for k, v in load_file(str(path)).items()}
+        except (SafetensorError, OSError) as exc:
+            raise DataError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
 
     def write_results(self, results: dict) -> None:
-        write_json(self.folder / "results.json", results)
+        write_json(self.folder / RESULTS_FILE, results)
 
     def write_model(self, model: HierModel, config: RunConfig) -> Path:
         """The final global model, loadable by `hierfed evaluate --model RUN_DIR`."""
@@ -64,6 +131,17 @@ class RunDirectory:
         if lambdas:
             paths.append(plot_series(self.folder / "lambda.png", x=x, panels=lambdas, xlabel="round"))
         return paths
+
+
+def file_sha256(path: Path, *, sync: bool = False) -> str:
+    """SHA-256 of a file's bytes (and, with ``sync``, flush it to disk first)."""
+    digest = hashlib.sha256()
+    with open(path, "rb+" if sync else "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _lambda_lines(rounds: list[dict]) -> dict[str, dict[str, list[float]]]:

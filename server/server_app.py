@@ -3,8 +3,10 @@ checkpoints the global model each round, and writes the run directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from hiermodel.run_config import RunConfig
 from server.global_model import GlobalModel
 from server.results import RunResults
+from server.resume import ResumePoint, describe, find_resume_point
 from server.run_directory import RunDirectory
 from server.strategy import RoundLog, build_strategy
 
@@ -27,31 +30,53 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> dict:
-    """One federated run; returns the results that it also writes to the run directory."""
+    """One federated run (or the rest of one, with fed.resume); returns the results it also writes."""
     config = RunConfig.from_flat(dict(flat_config))
     run_dir = RunDirectory(Path(config.fed.out_dir))
+    point = ResumePoint()
+    if config.fed.resume:
+        # the run goes on exactly as it started (its run id names the sites' saved privacy state)
+        stored = run_dir.read_config()
+        config = dataclasses.replace(stored, fed=dataclasses.replace(stored.fed, resume=True))
+        point = find_resume_point(run_dir, dp=config.dp.enabled)
+        log(describe(point, run_dir.folder, config.fed.rounds))
+    else:
+        previous = run_dir.set_aside_previous_run()
+        if previous is not None:
+            log(f"{run_dir.folder} held an earlier run: moved its results, ledger and checkpoints to {previous.name}/")
+        if not config.fed.run_id:
+            config = dataclasses.replace(config, fed=dataclasses.replace(config.fed, run_id=uuid.uuid4().hex))
     run_dir.write_config(config)
     global_model = GlobalModel(config)
     round_log = RoundLog()
     strategy = build_strategy(config.fed, round_log)
+    strategy.round_offset = point.completed
     results = RunResults(config=config, round_log=round_log, run_dir=run_dir, model=global_model, log=log)
+    results.resume_from(point.rows, point.initial)
     started = time.time()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and point.completed:
+            return None  # evaluated before round 1 when the run started
         state = {k: a.numpy() for k, a in arrays.items()}
         evaluated = time.perf_counter()
         metrics = global_model.evaluate(state)
-        results.end_round(server_round, state, metrics, evaluate_seconds=time.perf_counter() - evaluated)
+        results.end_round(server_round + point.completed, state, metrics, evaluate_seconds=time.perf_counter() - evaluated)
         return MetricRecord(metrics) if metrics else None
 
-    messages_config = ConfigRecord(dict(config.to_flat()))
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord({k: Array(v) for k, v in global_model.initial_state().items()}),
-        num_rounds=config.fed.rounds,
-        timeout=config.fed.round_timeout,
-        train_config=messages_config,
-        evaluate_config=ConfigRecord(dict(config.to_flat())),
-        evaluate_fn=evaluate_fn,
-    )
-    return results.finish(result, wall_seconds=time.time() - started)
+    state = point.state if point.state is not None else global_model.initial_state()
+    remaining = config.fed.rounds - point.completed
+    if remaining > 0:
+        messages_config = ConfigRecord(dict(config.to_flat()))
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord({k: Array(v) for k, v in state.items()}),
+            num_rounds=remaining,
+            timeout=config.fed.round_timeout,
+            train_config=messages_config,
+            evaluate_config=ConfigRecord(dict(config.to_flat())),
+            evaluate_fn=evaluate_fn,
+        )
+        if len(result.arrays):  # no round aggregated anything: the model stays where it was
+            state = {k: a.numpy() for k, a in result.arrays.items()}
+    return results.finish(state, wall_seconds=time.time() - started)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from hiermodel.errors import ConfigError
 from hiermodel.run_config import FedConfig
+from server.update_validation import update_problem
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "bulyan")
+ROBUST = ("fedtrimmedavg", "fedmedian", "krum", "bulyan")  # aggregation that a poisoned minority cannot steer
 
 
 def message_bytes(msg: Message) -> int:
@@ -28,6 +31,19 @@ def _config_bytes(record: ConfigRecord) -> int:
     return sum(len(k) + (sum(size(x) for x in v) if isinstance(v, list) else size(v)) for k, v in record.items())
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_reason(reason: str) -> str:
+    """The line that says what went wrong, out of an error reply's reason (Ray wraps it in a traceback)."""
+    text = _ANSI.sub("", reason or "")
+    if "Message: " in text:  # a ClientApp exception: Flower prefixes the site's own message with this
+        text = text.rsplit("Message: ", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else "no reason given"
+    return (line[:-2] if line.endswith("'>") else line)[:300]  # Flower closes the reason with '>
+
+
 class RoundLog:
     """Per round: which sites replied, what they sent and received, failures, timings."""
 
@@ -41,31 +57,45 @@ class RoundLog:
 class RecordingMixin:
     """Records each round: bytes down and up per client, their metrics, failures, the aggregates.
 
-    Error replies and replies with no examples are left out of the aggregation (and counted).
+    Before aggregation it leaves out error replies, replies with no examples (a site that
+    declined), and updates that fail validation (recorded with the reason, their metrics kept for
+    the privacy ledger: the site did train). Sites that never replied are recorded as failures.
+    ``round_offset`` numbers the rounds of a resumed run after the rounds already completed.
     """
 
     round_log: RoundLog
+    max_update_norm: float = 0.0
+    round_offset: int = 0
 
     def configure_train(self, server_round, arrays, config, grid):
+        server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         entry = self.round_log.entry(server_round)
         entry["started"] = time.time()
+        entry["sent"] = messages  # the grid gives each its message id when it sends it
+        entry["sent_state"] = {k: a.numpy() for k, a in arrays.items()}
         for m in messages:
             entry["clients"].setdefault(str(m.metadata.dst_node_id), {})["bytes_down_train"] = message_bytes(m)
         return messages
 
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         entry = self.round_log.entry(server_round)
         entry["replies_received"] = time.time()
-        kept = self._usable(replies, entry, phase="train")
+        kept = [m for m in self._usable(replies, entry, phase="train") if self._valid(m, entry)]
         started = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
         entry["aggregation_seconds"] = time.perf_counter() - started
+        del entry["sent"], entry["sent_state"]  # the round's copies of the model are not needed any more
         entry["train"] = dict(metrics) if metrics else {}
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         entry = self.round_log.entry(server_round)
         kept = self._usable(list(replies), entry, phase="evaluate")
         metrics = super().aggregate_evaluate(server_round, kept) if kept else None
@@ -75,17 +105,40 @@ class RecordingMixin:
     def _usable(self, replies: list[Message], entry: dict, *, phase: str) -> list[Message]:
         """Replies to aggregate: not errors, and with a positive weight (a site with no users declines)."""
         kept = []
+        senders = {m.metadata.message_id: m.metadata.dst_node_id for m in entry.get("sent", [])} if phase == "train" else {}
         for m in replies:
-            node = str(m.metadata.src_node_id)
+            # a node that vanished is answered by the SuperLink: name the node the message went to
+            node = str(senders.get(m.metadata.reply_to_message_id, m.metadata.src_node_id))
             if m.has_error():
-                entry["failures"].append({"node": node, "phase": phase, "reason": m.error.reason[:300]})
+                entry["failures"].append({"node": node, "phase": phase, "reason": short_reason(m.error.reason)})
+                continue
+            if "metrics" not in m.content:
+                entry["failures"].append({"node": node, "phase": phase, "reason": "the reply has no metrics record"})
                 continue
             client = entry["clients"].setdefault(node, {})
             client[f"bytes_up_{phase}"] = message_bytes(m)
             client[f"{phase}_metrics"] = dict(m.content["metrics"])
-            if m.content["metrics"].get("num-examples", 0) > 0:
+            weight = m.content["metrics"].get("num-examples")
+            # 0: the site declined; a training reply's other weights are validated with its update
+            if (weight != 0) if phase == "train" else (isinstance(weight, (int, float)) and weight > 0):
                 kept.append(m)
+        if phase == "train":
+            answered = {senders.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
+            for node in sorted(set(senders.values()) - answered):
+                entry["failures"].append({"node": str(node), "phase": phase,
+                                          "reason": "no reply before the round timeout (fed.round-timeout)"})
         return kept
+
+    def _valid(self, reply: Message, entry: dict) -> bool:
+        """Whether the reply's update may be aggregated; a rejected one is recorded with its reason."""
+        received = {k: a.numpy() for k, a in reply.content["arrays"].items()} if "arrays" in reply.content else {}
+        problem = update_problem(entry["sent_state"], received, reply.content["metrics"],
+                                 max_update_norm=self.max_update_norm)
+        if problem:
+            node = str(reply.metadata.src_node_id)
+            entry.setdefault("rejected", []).append({"node": node, "reason": problem})
+            entry["clients"][node]["rejected"] = problem
+        return problem is None
 
 
 SITE_ONLY_METRICS = ("site-index",)
@@ -117,9 +170,13 @@ def build_strategy(fed: FedConfig, round_log: RoundLog):
         "fedadam": (FedAdam, {"eta": fed.server_lr}),
         "fedyogi": (FedYogi, {"eta": fed.server_lr}),
         "fedtrimmedavg": (FedTrimmedAvg, {"beta": fed.trim_beta}),
+        "fedmedian": (FedMedian, {}),
+        "krum": (Krum, {"num_malicious_nodes": fed.malicious_sites}),
+        "bulyan": (Bulyan, {"num_malicious_nodes": fed.malicious_sites}),
     }[fed.strategy]
     recording = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
     strategy = recording(**common, **extra, train_metrics_aggr_fn=aggregate_site_metrics,
                          evaluate_metrics_aggr_fn=aggregate_site_metrics)
     strategy.round_log = round_log
+    strategy.max_update_norm = fed.max_update_norm
     return strategy

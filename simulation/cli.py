@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from hiermodel.errors import ConfigError
 from hiermodel.run_config import RunConfig, parse_overrides
 from simulation.run import prepare_run, simulate
 
@@ -32,6 +34,16 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from simulation.faults import parse_faults
+
+    faults = parse_faults(args.inject_fault)
+    if args.resume:
+        return resume_simulation(args.resume, cpus_per_site=args.cpus_per_site, faults=faults)
+    if args.out is None:
+        raise ConfigError("hierfed simulate needs --out RUN_DIR (or --resume RUN_DIR to continue a run)")
+    if (args.out / "results.json").exists() and not args.overwrite:
+        raise ConfigError(f"{args.out} already holds a run (results.json); continue it with --resume {args.out}, "
+                          "pick another --out, or pass --overwrite to start over there")
     config = run_config_from_args(args)  # every setting is checked here, before Ray starts
     config, num_sites, encoding_seconds = prepare_run(
         config,
@@ -45,7 +57,25 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.prepare_only:
         print(flwr_run_command(config, num_sites))
         return 0
-    simulate(config, num_sites=num_sites, cpus_per_site=args.cpus_per_site, encoding_seconds=encoding_seconds)
+    simulate(config, num_sites=num_sites, cpus_per_site=args.cpus_per_site, encoding_seconds=encoding_seconds,
+             faults=faults)
+    return 0
+
+
+def resume_simulation(run_dir: Path, *, cpus_per_site: float = 1.0, faults=None) -> int:
+    """Continue a simulated run from its last completed round, on the partitions it was prepared with."""
+    from hiermodel.data.store import read_manifest
+    from server.run_directory import RunDirectory
+
+    if not (run_dir / "run_config.json").exists():
+        raise ConfigError(f"--resume {run_dir}: no run_config.json there; pass the --out folder of a simulated run")
+    stored = RunDirectory(run_dir).read_config()
+    if not stored.fed.partitions_dir or not Path(stored.fed.partitions_dir).is_dir():
+        raise ConfigError(f"--resume {run_dir}: its partitions ({stored.fed.partitions_dir or 'none'}) are gone; "
+                          "start a new run")
+    flat = {**stored.to_flat(), "fed.resume": True}
+    num_sites = len(read_manifest(Path(stored.fed.partitions_dir)))
+    simulate(RunConfig.from_flat(flat), num_sites=num_sites, cpus_per_site=cpus_per_site, faults=faults)
     return 0
 
 
@@ -72,6 +102,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import sys
 
     from simulation.bench import SUITES, BenchSettings, run_bench
+    from simulation.bench_quality import quality_settings
     from simulation.bench_scaling import scaling_settings
 
     flat = parse_overrides(args.run_config)
@@ -85,7 +116,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     # the scaling points choose their own data; every other key (model.*, dp.*, ...) applies to each of them
     scaling = scaling_settings(quick=args.quick, overrides={k: v for k, v in flat.items() if k != "data.dataset"},
                                points=args.scaling_points, rounds=args.rounds)
-    settings = BenchSettings(data=config.data, model=dataclasses.replace(config.model, use_popularity=True), scaling=scaling)
+    quality = quality_settings(quick=args.quick, overrides=flat, seeds=args.seeds, epochs=args.epochs, rounds=args.rounds,
+                               rows=args.rows)
+    settings = BenchSettings(data=config.data, model=dataclasses.replace(config.model, use_popularity=True), scaling=scaling,
+                             quality=quality)
     if args.quick:
         settings = dataclasses.replace(settings, steps=5, naive_steps=1, encode_items=128)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()] or list(SUITES)

@@ -15,6 +15,8 @@ from hiermodel.jobs import write_json
 from hiermodel.run_config import RunConfig
 from simulation.partitions import make_partitions, write_partitions
 
+SITE_STATE_DIR = "site-state"  # the simulated sites' own disks, one folder per run id
+
 
 def prepare_run(
     config: RunConfig,
@@ -61,23 +63,35 @@ def encode_once(config: RunConfig, texts: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def _worker_env() -> dict[str, str]:
-    """What the sites' worker processes must see: the shared encoding cache, offline hub."""
+def _worker_env(config: RunConfig) -> dict[str, str]:
+    """What the sites' worker processes must see: the shared encoding cache, offline hub, and where
+    the simulated sites keep their own state (beside the run, so a resumed simulation finds it)."""
+    from client.site_state import STATE_DIR_ENV
     from hiermodel.encoding_cache import default_cache_root
 
-    return {"HIERFED_CACHE": str(default_cache_root()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {"HIERFED_CACHE": str(default_cache_root()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            STATE_DIR_ENV: str(Path(config.fed.out_dir).resolve() / SITE_STATE_DIR)}
 
 
-def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, encoding_seconds: float = 0.0, log=print) -> dict:
-    """Run the federation in this process; returns the results the server wrote."""
+def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, encoding_seconds: float = 0.0,
+             faults: list | None = None, log=print) -> dict:
+    """Run the federation in this process; returns the results the server wrote.
+
+    ``faults`` (simulation.faults.Fault) make the named sites misbehave, to test what the run survives.
+    """
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
     from server.server_app import run_server
 
+    if faults:
+        from simulation.faults import faulty_client_app
+
+        client_app = faulty_client_app(faults, round_timeout=config.fed.round_timeout)
+
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="hierfed-flwr-"))
-    os.environ.update(_worker_env())  # Ray's workers start from this process's environment
+    os.environ.update(_worker_env(config))  # Ray's workers start from this process's environment
     logging.getLogger("flwr").propagate = False  # Opacus adds a root handler: don't print Flower's log twice
     write_json(Path(config.fed.out_dir) / "run_config.json", config.to_flat())
     results: dict = {}

@@ -35,3 +35,34 @@ def prepared(dataset: Dataset, *, backbone: str, cache_root, **model):
     config, builder = prepare(dataset, HierModelConfig(backbone=backbone, max_tokens=8, dim=16, **model),
                               cache_root=cache_root, progress=False)
     return dataset, config, builder
+
+
+class StandInGrid:
+    """Just enough of a Flower Grid for a strategy to configure a round: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def send_round(strategy, server_round: int, state: dict[str, np.ndarray], *, nodes: list[int]) -> list:
+    """Configure a training round as the server does, and give each message the id a grid gives it
+    when sending ("q<node>", which the replies of tests name as what they answer)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    names = ("_task_id", "_run_id", "_node_id")  # a ServerApp's runtime sets them; messages carry them
+    previous = [getattr(TaskIdentity, n) for n in names]
+    for name in names:
+        setattr(TaskIdentity, name, getattr(TaskIdentity, name) or 1)
+    try:
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), StandInGrid(nodes)))
+    finally:
+        for name, value in zip(names, previous):
+            setattr(TaskIdentity, name, value)
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = f"q{m.metadata.dst_node_id}"
+    return messages

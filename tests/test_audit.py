@@ -104,8 +104,9 @@ def test_edited_sigma_is_a_mismatch_at_that_site_and_round(tmp_path: Path, prv_r
     path = write_ledger(tmp_path, prv_rounds)
     edit_line(path, is_site("north", 2), set_field("noise_multiplier", 1.4))
     report = audit_ledger(path)
-    assert [(f.kind, f.site, f.round) for f in report.findings] == [("mismatch", "north", 2)]
-    assert "σ 1.4" in report.findings[0].message
+    # the digest chain breaks at that round too
+    assert [(f.kind, f.site, f.round) for f in report.findings] == [("tampered", None, 2), ("mismatch", "north", 2)]
+    assert "σ 1.4" in report.findings[1].message
     assert run_audit(cli_args(str(tmp_path))) == 1
 
 
@@ -115,7 +116,8 @@ def test_removed_record_is_a_gap(tmp_path: Path, prv_rounds: list[list[dict]]) -
     report = audit_ledger(path)
     gaps = {(f.site, f.round) for f in report.findings if f.kind == "gap"}
     assert ("east", 2) in gaps and ("east", 3) in gaps  # listed but missing in round 2; seq and steps jump in 3
-    assert all(f.site == "east" for f in report.findings)
+    assert [(f.kind, f.round) for f in report.findings if f.site is None] == [("tampered", 2)]
+    assert all(f.site in ("east", None) for f in report.findings)
 
 
 def test_round_records_must_match_and_increase(tmp_path: Path, prv_rounds: list[list[dict]]) -> None:
@@ -185,7 +187,8 @@ def test_ledger_continues_a_resumed_run_and_rejects_bad_records(tmp_path: Path, 
         resumed.append_round(4, [{k: v for k, v in prv_rounds[3][0].items() if k != "epsilon"}])
     with pytest.raises(ValueError, match="'steps'"):
         resumed.append_round(4, [{**prv_rounds[3][0], "steps": 20.0}])
-    assert read_ledger(path)[-1] == {"kind": "round", "round": 3, "sites": list(SITES)}  # nothing half-written
+    last = read_ledger(path)[-1]  # nothing half-written
+    assert {k: v for k, v in last.items() if k != "digest"} == {"kind": "round", "round": 3, "sites": list(SITES)}
 
 
 def test_pld_is_what_pld_accountant_computes() -> None:

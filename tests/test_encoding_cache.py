@@ -57,5 +57,30 @@ def test_interrupted_append_is_truncated_and_bad_meta_refused(tiny_backbone: str
     assert (cache.folder / "sentence.f16").stat().st_size == backbone.dim * 2
     meta = json.loads((cache.folder / "meta.json").read_text())
     (cache.folder / "meta.json").write_text(json.dumps({**meta, "rows": 5}))
-    with pytest.raises(DataError, match="delete"):
-        EncodingCache(backbone, tmp_path)
+    rebuilt = EncodingCache(backbone, tmp_path)  # an index that does not match: set aside, rebuilt
+    assert rebuilt.rows == 0 and len(list(tmp_path.glob(f"{cache.folder.name}.damaged-*"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "edit a key"])
+def test_damaged_cache_is_reported_set_aside_and_rebuilt(tiny_backbone: str, tmp_path, capsys, damage) -> None:
+    backbone = FrozenBackbone(tiny_backbone, max_tokens=8)
+    texts = ["red mug", "blue bag", "green box"]
+    cache = EncodingCache(backbone, tmp_path)
+    cache.encode_texts(texts[:2], progress=False)
+    good = cache.encode_texts(texts, progress=False)  # two segments
+    target = cache.folder / ("keys.txt" if damage == "edit a key" else "tokens.f16")
+    data = bytearray(target.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) - 3]
+    else:
+        data[0:1] = b"X" if data[0:1] != b"X" else b"Y"
+    target.write_bytes(bytes(data))
+    again = EncodingCache(backbone, tmp_path)
+    assert again.rows == 0 and "set it aside" in capsys.readouterr().out
+    aside = list(tmp_path.glob(f"{cache.folder.name}.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / target.name).read_bytes() == bytes(data)  # kept as it was, for a look
+    rebuilt = again.encode_texts(texts, progress=False)
+    assert torch.equal(rebuilt.sentence, good.sentence)
+    assert EncodingCache(backbone, tmp_path).rows == 3  # and the rebuilt cache checks out

@@ -16,6 +16,7 @@ from hiermodel.cli import main
 from hiermodel.errors import ConfigError
 from hiermodel.run_config import FedConfig, RunConfig
 from server.strategy import STRATEGIES, RoundLog, build_strategy
+from tests.helpers import send_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,7 @@ def test_one_round_of_aggregation_is_the_example_weighted_average() -> None:
     w1 = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([[0.0]], np.float32)}
     w2 = {"a": np.array([3.0, 6.0], np.float32), "b": np.array([[4.0]], np.float32)}
     w3 = {"a": np.array([100.0, 100.0], np.float32), "b": np.array([[100.0]], np.float32)}
+    send_round(strategy, 1, {"a": np.zeros(2, np.float32), "b": np.zeros((1, 1), np.float32)}, nodes=[1, 2, 3, 4])
     replies = [
         _reply(1, arrays=w1, metrics={"num-examples": 10, "loss": 1.0, "site-index": 0}),
         _reply(2, arrays=w2, metrics={"num-examples": 30, "loss": 3.0, "site-index": 1}),
