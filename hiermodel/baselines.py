@@ -158,6 +158,13 @@ def _zeroshot(dataset: Dataset, item_vectors: np.ndarray | None, *, with_popular
     )
 
 
+def _gbdt(dataset: Dataset, item_vectors: np.ndarray | None, *, min_baskets: int) -> Ranker:
+    """The gradient-boosted reranker (scikit-learn loads only when it is asked for)."""
+    from hiermodel.gbdt_reranker import GBDTReranker
+
+    return GBDTReranker(dataset=dataset, item_vectors=item_vectors, min_baskets=min_baskets)
+
+
 _BUILDERS: dict[str, Callable[[Dataset, np.ndarray | None, int], Ranker]] = {
     "gpop": lambda d, v, m: GlobalPopularity(dataset=d, min_baskets=m),
     "ppop": lambda d, v, m: PersonalPopularity(dataset=d, min_baskets=m),
@@ -165,6 +172,7 @@ _BUILDERS: dict[str, Callable[[Dataset, np.ndarray | None, int], Ranker]] = {
     "itemknn": lambda d, v, m: ItemKNN(dataset=d, min_baskets=m),
     "zeroshot": lambda d, v, m: _zeroshot(d, v, with_popularity=False, min_baskets=m),
     "zeroshot-pop": lambda d, v, m: _zeroshot(d, v, with_popularity=True, min_baskets=m),
+    "gbdt": lambda d, v, m: _gbdt(d, v, min_baskets=m),
 }
 BASELINE_NAMES = tuple(_BUILDERS)
 

@@ -29,7 +29,7 @@ from hiermodel.plots import plot_series
 from hiermodel.privacy import DPConfig, PrivacyPlan
 from hiermodel.training import TrainConfig, make_optimizer
 
-SUITES = ("speed", "communication", "scaling")
+SUITES = ("speed", "communication", "scaling", "quality")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class BenchSettings:
     encode_items: int = 512
     seed: int = 0
     scaling: object = None  # simulation.bench_scaling.ScalingSettings (None: its defaults)
+    quality: object = None  # simulation.bench_quality.QualitySettings (None: its defaults)
 
 
 def machine() -> dict:
@@ -198,6 +199,10 @@ def markdown(report: dict, command: str) -> str:
         from simulation.bench_scaling import markdown as scaling_markdown
 
         lines += scaling_markdown(report["scaling"])
+    if "quality" in report:
+        from simulation.bench_quality import quality_markdown
+
+        lines += quality_markdown(report["quality"])
     return "\n".join(lines)
 
 
@@ -215,6 +220,10 @@ def run_bench(*, suites: list[str], settings: BenchSettings, out: Path, command:
         from simulation.bench_scaling import ScalingSettings, scaling_suite
 
         report["scaling"] = scaling_suite(settings.scaling or ScalingSettings(), out / "scaling", log=log)
+    if "quality" in suites:  # writes quality/ (one folder per federated run, quality.json as it goes) and quality.png
+        from simulation.bench_quality import QualitySettings, quality_suite
+
+        report["quality"] = quality_suite(settings.data, settings.model, settings.quality or QualitySettings(), out=out, log=log)
     report["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,193 @@
+"""The quality suite of `hierfed bench` on tiny inputs (every row kind, every JSON field, the table and
+the plot), its goal checks on made-up reports, and the gradient-boosted reranker baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hiermodel.baselines import BASELINE_NAMES, build_baseline
+from hiermodel.data.dataset import Basket, Catalogue, Dataset, User
+from hiermodel.data.split import Example
+from hiermodel.errors import ConfigError
+from hiermodel.evaluation import evaluate_ranker
+from hiermodel.gbdt_reranker import FEATURES, GBDTReranker, candidate_features
+from hiermodel.history import user_history
+from hiermodel.cli import main
+from simulation.bench_quality import METRICS, all_rows, check_targets, estimate_full_seconds, select_rows
+
+from helpers import DAY, toy_dataset
+
+TINY = ("data.synthetic-users=40 data.synthetic-sites=2 model.dim=8 model.max-tokens=8 model.max-history-items=8 "
+        "model.max-baskets=4 model.scorer-hidden=8 train.batch-size=32")
+ROW_FIELDS = {"name", "kind", "label", "epsilon", "n", "mean", "std", "seconds_per_run", "runs"}
+RUN_FIELDS = {
+    "baseline": {"seed", "metrics", "seconds"},
+    "centralized": {"seed", "metrics", "seconds", "best_epoch", "epochs", "lambda"},
+    "ablation": {"seed", "metrics", "seconds", "best_epoch", "epochs", "lambda"},
+    "federated": {"seed", "metrics", "seconds", "rounds", "sites", "sites_replied", "noise_multiplier_range", "out"},
+}
+TARGET_FIELDS = {"name", "goal", "value", "threshold", "met", "limit", "applies"}
+
+
+@pytest.fixture(scope="module")
+def quality(tiny_backbone: str, tmp_path_factory):
+    """Every row kind once: all baselines, centralized and ablation rows (2 seeds), a non-private and a DP federated run."""
+    out = tmp_path_factory.mktemp("bench-quality")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLWR_HOME", str(out / "flwr"))
+        code = main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(out),
+                     "--seeds", "2", "--epochs", "1", "--rounds", "1",
+                     "--rows", "baseline,centralized,ablation,fed-nodp,fed-dp8", "--run-config", TINY])
+    assert code == 0
+    return out, json.loads((out / "bench.json").read_text())["quality"]
+
+
+def test_quality_json_has_every_field(quality) -> None:
+    out, q = quality
+    assert {"data", "settings", "metrics", "rows", "targets", "seconds", "estimate_full_seconds"} <= set(q)
+    assert q["metrics"] == list(METRICS) and q["settings"]["seeds"] == [0, 1] and q["settings"]["quick"]
+    expected = [r.name for r in all_rows() if r.kind != "federated"] + ["fed-nodp", "fed-dp8"]
+    assert sorted(r["name"] for r in q["rows"]) == sorted(expected)
+    for row in q["rows"]:
+        assert ROW_FIELDS <= set(row), row["name"]
+        assert row["n"] == (1 if row["kind"] == "baseline" else 2) == len(row["runs"])
+        for run in row["runs"]:
+            assert RUN_FIELDS[row["kind"]] <= set(run), row["name"]
+            assert set(run["metrics"]) == set(METRICS) and all(0 <= v <= 1 for v in run["metrics"].values())
+            assert run["seconds"] > 0
+        for m in METRICS:
+            values = [run["metrics"][m] for run in row["runs"]]
+            assert row["mean"][m] == pytest.approx(np.mean(values))
+            assert row["std"][m] == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+    fed = {r["name"]: r for r in q["rows"]}
+    assert fed["fed-dp8"]["epsilon"] == 8.0 and fed["fed-nodp"]["epsilon"] is None
+    assert fed["fed-dp8"]["runs"][0]["noise_multiplier_range"][1] > 0
+    assert fed["fed-nodp"]["runs"][0]["noise_multiplier_range"] is None
+    for run in fed["fed-nodp"]["runs"] + fed["fed-dp8"]["runs"]:
+        assert run["rounds"] == 1 and (out / "quality" / run["out"].split("/")[-1] / "results.json").is_file()
+    assert fed["word-alone"]["runs"][0]["lambda"] == [1.0, 0.0, 0.0]
+    for target in q["targets"]:
+        assert TARGET_FIELDS <= set(target)
+    by_name = {t["name"]: t for t in q["targets"]}
+    assert by_name["DP ε=1 / non-DP"]["met"] is None  # its row was not run
+    ratio = fed["fed-dp8"]["mean"]["ndcg@10"] / fed["fed-nodp"]["mean"]["ndcg@10"]
+    assert by_name["DP ε=8 / non-DP"]["value"] == pytest.approx(ratio)
+    assert not by_name["centralized NDCG@10"]["applies"]  # synthetic data: the absolute goal is informative only
+    assert q["estimate_full_seconds"] > 0
+
+
+def test_quality_markdown_and_plot(quality) -> None:
+    out, q = quality
+    text = (out / "bench.md").read_text()
+    assert "### Quality on synthetic" in text and "| federated, DP ε = 8 |" in text and "**estimate**" in text
+    assert "| DP ε = 8 NDCG@10 ≥ 0.95 × federated non-DP |" in text
+    assert (out / "quality.png").is_file() and (out / "quality" / "quality.json").is_file()
+
+
+def _report(values: dict[str, float], name: str = "online-retail") -> dict:
+    rows = []
+    for row, ndcg in values.items():
+        run = {"metrics": {m: ndcg for m in METRICS}, "best_epoch": 3, "seconds": 2.0}
+        kind = "baseline" if row in ("ppop", "gbdt") else "federated" if row.startswith("fed") else "centralized"
+        rows.append({"name": row, "kind": kind, "mean": run["metrics"], "std": {m: 0.0 for m in METRICS},
+                     "runs": [run], "seconds_per_run": 2.0})
+    return {"data": {"name": name}, "rows": rows,
+            "settings": {"rounds": 10, "epochs": 20, "epsilons": [8.0, 4.0, 1.0], "train": {"batch_size": 64}}}
+
+
+def test_goals_are_checked_against_the_means() -> None:
+    targets = {t["name"]: t for t in check_targets(_report(
+        {"ppop": 0.28, "central": 0.33, "fed-nodp": 0.31, "fed-dp8": 0.30, "fed-dp4": 0.2, "fed-dp1": 0.25}))}
+    assert targets["centralized NDCG@10"]["met"] and targets["centralized NDCG@10"]["limit"] == ""
+    assert not targets["federated / centralized"]["met"]  # 0.31 / 0.33 = 0.939 < 0.97
+    assert targets["federated / centralized"]["value"] == pytest.approx(0.31 / 0.33)
+    assert "rounds" in targets["federated / centralized"]["limit"]
+    assert targets["DP ε=8 / non-DP"]["met"]  # 0.30 / 0.31 = 0.968
+    assert not targets["DP ε=1 / non-DP"]["met"]  # 0.25 / 0.31 = 0.806 < 0.85
+    assert targets["DP ε=4 / non-DP"]["met"] is None and targets["DP ε=4 / non-DP"]["value"] == pytest.approx(0.2 / 0.31)
+    assert all(t["applies"] for t in targets.values())
+    missing = {t["name"]: t for t in check_targets(_report({"central": 0.3}))}
+    assert missing["federated / centralized"]["met"] is None and missing["centralized NDCG@10"]["met"] is False
+
+
+def test_full_run_estimate_scales_measured_kinds() -> None:
+    report = _report({"ppop": 0, "central": 0, "fed-nodp": 0})
+    rows = all_rows()
+    trained = sum(1 for r in rows if r.kind != "baseline")
+    baselines = len(rows) - trained
+    assert estimate_full_seconds(report) == pytest.approx(2.0 * (baselines + 3 * trained))
+    assert math.isnan(estimate_full_seconds(_report({"central": 0})))  # no baseline or federated run measured
+
+
+def test_row_selection() -> None:
+    assert [r.name for r in select_rows("fed-dp8,baseline")] == ["gpop", "ppop", "itemknn", "zeroshot", "gbdt", "fed-dp8"]
+    assert len(select_rows("")) == len(all_rows())
+    with pytest.raises(ConfigError, match="unknown quality row 'nope'"):
+        select_rows("nope")
+
+
+def test_bad_quality_flags_are_one_line(tmp_path, capsys) -> None:
+    assert main(["bench", "--suite", "quality", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--suite", "quality", "--rows", "central,bogus", "--out", str(tmp_path)]) == 2
+    assert "unknown quality row 'bogus'" in capsys.readouterr().err
+
+
+# --- the gradient-boosted reranker -----------------------------------------------------------------
+
+
+def test_candidate_features_follow_the_history() -> None:
+    baskets = [Basket(0.0, np.array([1, 2])), Basket(2 * DAY, np.array([2, 3])), Basket(5 * DAY, np.array([4]))]
+    history = user_history(User("u", "s", baskets), 2)  # baskets 0 and 1, target at day 5
+    popularity = np.log1p(np.arange(5, dtype=float))
+    similarity = np.linspace(-1, 1, 5)
+    f = candidate_features(history, np.array([0, 2, 3]), log_popularity=popularity, similarity=similarity)
+    col = {name: f[:, i] for i, name in enumerate(FEATURES)}
+    assert col["count"].tolist() == [0, 2, 1]
+    assert col["decayed_count"] == pytest.approx([0, 1 + 0.9, 1])
+    assert np.isnan(col["days_since_last_bought"][0]) and col["days_since_last_bought"][1:].tolist() == [3.0, 3.0]
+    assert col["in_last_basket"].tolist() == [0, 1, 1]
+    assert col["baskets_so_far"].tolist() == [2, 2, 2] and col["share_of_baskets"].tolist() == [0, 1, 0.5]
+    assert col["log_popularity"] == pytest.approx(popularity[[0, 2, 3]])
+    assert col["lm_similarity"] == pytest.approx(similarity[[0, 2, 3]])
+    assert col["days_since_last_basket"].tolist() == [3.0, 3.0, 3.0]
+
+
+def _loyal(num_users: int = 60, num_items: int = 40, seed: int = 0) -> Dataset:
+    """Each user rebuys two 'own' items in every basket, plus random noise items: the repeat features tell."""
+    rng = np.random.default_rng(seed)
+    users = []
+    for u in range(num_users):
+        own = rng.choice(num_items, size=2, replace=False)
+        baskets = [Basket(t * DAY, np.unique(np.concatenate([own, rng.choice(num_items, size=2)])).astype(np.int64))
+                   for t in range(6)]
+        users.append(User(f"u{u}", "s", baskets))
+    return Dataset("loyal", Catalogue([f"i{i}" for i in range(num_items)], [f"item {i}" for i in range(num_items)]), users)
+
+
+def test_gbdt_learns_the_repeat_signal_and_scores_the_whole_catalogue() -> None:
+    data = _loyal()
+    vectors = np.random.default_rng(1).normal(size=(data.num_items, 8))
+    assert "gbdt" in BASELINE_NAMES
+    ranker = build_baseline("gbdt", dataset=data, item_vectors=vectors)
+    assert isinstance(ranker, GBDTReranker) and ranker.training_rows > 0
+    scores = ranker.score(data, [Example(0, 5), Example(1, 5)])
+    assert scores.shape == (2, data.num_items) and np.isfinite(scores).all()
+    gbdt, gpop = evaluate_ranker(ranker, data), evaluate_ranker(build_baseline("gpop", dataset=data), data)
+    # both own items are in every target (of 3-4 items): ranked in the top 10 they give recall ≥ 0.5
+    assert gbdt["recall@10"] >= 0.5 > gpop["recall@10"]
+
+
+def test_gbdt_needs_item_vectors_and_training_targets() -> None:
+    data = toy_dataset(num_users=10, num_items=12)
+    with pytest.raises(ValueError, match="needs item_vectors"):
+        build_baseline("gbdt", dataset=data)
+    with pytest.raises(ValueError, match="item vectors for a catalogue"):
+        GBDTReranker(dataset=data, item_vectors=np.ones((3, 4)))
+    single = Dataset("one", data.catalogue, [User("u", "s", [Basket(0.0, np.array([1]))])])
+    with pytest.raises(ValueError, match="needs training targets"):
+        GBDTReranker(dataset=single, item_vectors=np.ones((12, 4)))
