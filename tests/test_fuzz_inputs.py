@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from hiermodel.data import Dataset, load_dataset, load_mind, load_online_retail, save_dataset
 from hiermodel.data.dataset import Basket, Catalogue, User
-from hiermodel.data.store import MANIFEST, load_dataset_folder, read_manifest
+from hiermodel.data.store import MANIFEST, read_manifest
+from hiermodel.data_config import DataConfig
 from hiermodel.errors import ConfigError, DataError, HierfedError
 
 def fuzz(max_examples: int) -> settings:
@@ -228,7 +229,10 @@ def test_generic_csv(scratch: Path, tables, quoting: bool, data) -> None:
     for name, rows in (("items", items), ("interactions", events)):
         (folder / f"{name}.csv").write_bytes(file_bytes(data.draw, write_csv(rows, quoting=quoting), odd=odd == name))
     gap = data.draw(st.sampled_from([30.0, 0.001, 1e9]))
-    dataset = outcome(lambda: load_dataset(str(folder), session_gap_minutes=gap))
+    if data.draw(st.booleans()):
+        dataset = outcome(lambda: load_dataset(str(folder), session_gap_minutes=gap))
+    else:  # the run config's way in (data.dataset=PATH)
+        dataset = outcome(lambda: DataConfig(dataset=str(folder), session_gap_minutes=gap).load())
     if dataset is not None:
         check_dataset(dataset, max_events=len(events) - 1)
 
@@ -459,3 +463,222 @@ def test_partition_manifest(scratch: Path, entries, data) -> None:
             assert isinstance(entry["site"], str) and entry["site"]
             assert isinstance(entry["users"], int) and entry["users"] >= 0
             assert isinstance(entry["path"], str)
+
+
+# --- run config ------------------------------------------------------------------------------------
+
+from hiermodel.run_config import RunConfig, parse_overrides  # noqa: E402
+
+DEFAULTS = RunConfig.from_flat({}).to_flat()
+# What a valid run config must satisfy, whichever way it was reached (checked on every success).
+AT_LEAST_ONE = {
+    "data.synthetic-users", "data.synthetic-sites", "model.max-tokens", "model.dim", "model.max-history-items",
+    "model.max-baskets", "model.max-basket-items", "model.scorer-hidden", "model.backbone-dim", "train.epochs",
+    "train.batch-size", "train.eval-batch-size", "fed.rounds", "fed.local-epochs", "fed.min-nodes",
+}
+POSITIVE = {"data.session-gap-minutes", "train.lr", "fed.round-timeout", "model.text-scale", "dp.max-grad-norm"}
+CHOICES = {
+    "model.combiner": ("learned", "fixed", "validation"),
+    "train.targets": ("uniform", "latest", "all"),
+    "train.negatives": ("catalogue", "sampled"),
+    "dp.negatives": ("catalogue", "sampled"),
+    "dp.accountant": ("prv", "rdp"),
+}
+
+
+def check_run_config(config: RunConfig) -> None:
+    flat = config.to_flat()
+    for key, value in flat.items():
+        if isinstance(value, float):
+            assert math.isfinite(value), f"{key}={value}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert value >= 0 or key == "train.seed" or key == "data.synthetic-seed", f"{key}={value}"
+    for key in AT_LEAST_ONE:
+        assert flat[key] >= 1, f"{key}={flat[key]}"
+    for key in POSITIVE:
+        assert flat[key] > 0, f"{key}={flat[key]}"
+    for key, valid in CHOICES.items():
+        assert flat[key] in valid, f"{key}={flat[key]!r}"
+    assert 0 < config.fed.fraction_train <= 1 and 0 <= config.fed.fraction_evaluate <= 1
+    if config.model.fixed_lambda is not None:
+        lam = config.model.fixed_lambda
+        assert len(lam) == config.model.num_levels and min(lam) >= 0 and sum(lam) > 0
+    assert RunConfig.from_flat(flat).to_flat() == flat  # what `flwr run` gets back reads the same
+
+
+KEYS = st.one_of(
+    st.sampled_from(sorted(DEFAULTS)),
+    st.sampled_from(["model.nope", "bogus.key", "model", ".dim", "model..dim", "Model.dim", "model.dim.x", "fed.",
+                     "model.extra", "=", "model.num_levels"]),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=10),
+)
+VALUES = st.one_of(
+    st.integers(-5, 5).map(str), st.integers(-(10**30), 10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["true", "false", "True", "yes", "", "none", "nan", "inf", "-inf", "1e400", "0.2,0.3,0.5", "0.5,0.5",
+                     "1,,2", "learned", "fixed", "sampled", "prv", "fedavg", "validation", '"quoted"', "'q'", "9" * 5000,
+                     "a b", "x=y"]),
+    WEIRD_TEXT,
+)
+
+
+@st.composite
+def override_text(draw) -> str:
+    """A --run-config string: key=value pairs, quoted or not, sometimes not key=value at all."""
+    parts = []
+    for key, value in draw(st.lists(st.tuples(KEYS, VALUES), max_size=4)):
+        how = draw(st.sampled_from(["quote", "quote", "raw", "no equals", "quote whole"]))
+        if how == "quote":
+            parts.append(f"{key}={shlex.quote(value)}")
+        elif how == "raw":
+            parts.append(f"{key}={value}")
+        elif how == "no equals":
+            parts.append(shlex.quote(key))
+        else:
+            parts.append(shlex.quote(f"{key}={value}"))
+    return " ".join(parts)
+
+
+@fuzz(200)
+@given(text=st.one_of(override_text(), override_text(), st.text(max_size=40)))
+def test_run_config_overrides(text: str) -> None:
+    flat = outcome(lambda: parse_overrides(text), ConfigError)
+    if flat is None:
+        return
+    assert all(isinstance(k, str) and k for k in flat)
+    config = outcome(lambda: RunConfig.from_flat(flat), ConfigError)
+    if config is not None:
+        check_run_config(config)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+from hiermodel.cli import build_parser, main  # noqa: E402
+
+
+class ReachedHeavyWork(Exception):
+    """Raised by the stubs that stand in for training, simulation and data preparation."""
+
+    def __init__(self, command: str, **what) -> None:
+        super().__init__(command)
+        self.command, self.what = command, what
+
+
+NUMBER_ARGS = st.one_of(st.sampled_from(["1", "2", "3", "0", "-1", "0.5", "nan", "inf", "-inf", "1e400", "x", ""]),
+                        st.integers(-10, 10).map(str))
+
+
+@st.composite
+def cli_argv(draw, folders: dict[str, Path]) -> list[str]:
+    """Random argv for data / train / simulate / evaluate / recommend, flags in any order and state."""
+    command = draw(st.sampled_from(["data", "train", "simulate", "evaluate", "recommend"]))
+    out = str(folders["out"])
+    datasets = [str(folders["generic"]), str(folders["broken"]), str(folders["missing"]), str(folders["broken"] / "items.csv")]
+    if command != "data":  # `data` really loads: never the 600 synthetic users or the real Online Retail file
+        datasets += ["synthetic", "online-retail"]
+    flags: list[tuple[str, st.SearchStrategy | None]] = [
+        ("--dataset", st.sampled_from(datasets)), ("--data-path", st.sampled_from([str(folders["missing"]), ""])),
+        ("--session-gap-minutes", NUMBER_ARGS),
+    ]
+    flags += {
+        "data": [("--json", None)],
+        "train": [("--out", st.just(out)), ("--backbone", st.sampled_from(["/nonexistent/model", "x"])),
+                  ("--num-levels", NUMBER_ARGS), ("--combiner", st.sampled_from(["learned", "fixed", "bogus"])),
+                  ("--epochs", NUMBER_ARGS), ("--seed", NUMBER_ARGS), ("--no-repeat", None),
+                  ("--baselines", st.sampled_from(["gpop", "", "nope"])), ("--run-config", override_text())],
+        "simulate": [("--out", st.just(out)), ("--num-clients", NUMBER_ARGS),
+                     ("--partition", st.sampled_from(["natural", "iid", "dirichlet", "random"])),
+                     ("--min-site-users", NUMBER_ARGS), ("--alpha", NUMBER_ARGS), ("--rounds", NUMBER_ARGS),
+                     ("--strategy", st.sampled_from(["fedavg", "fedprox", "nope"])), ("--local-epochs", NUMBER_ARGS),
+                     ("--personal-lambda", None), ("--target-epsilon", NUMBER_ARGS), ("--target-delta", NUMBER_ARGS),
+                     ("--noise-multiplier", NUMBER_ARGS), ("--no-dp", None), ("--no-server-eval", None),
+                     ("--cpus-per-site", NUMBER_ARGS), ("--prepare-only", None), ("--run-config", override_text())],
+        "evaluate": [("--model", st.just(str(folders["missing"]))), ("--split", st.sampled_from(["test", "train"])),
+                     ("--baselines", st.sampled_from(["gpop", "", "nope"])), ("--json", None)],
+        "recommend": [("--model", st.just(str(folders["missing"]))), ("--user", st.sampled_from(["12347", ""])),
+                      ("-n", NUMBER_ARGS), ("--json", None)],
+    }[command]
+    argv = [command]
+    for flag, value in draw(st.lists(st.sampled_from(flags), max_size=8)):
+        argv += [flag] if value is None else [flag, draw(value)]
+    if command == "data" and "--dataset" not in argv:
+        argv += ["--dataset", draw(st.sampled_from(datasets))]
+    if command == "data" and "online-retail" in argv and "--data-path" not in argv:
+        argv += ["--data-path", str(folders["missing"])]
+    required = {"train": ["--out", out], "simulate": ["--out", out], "evaluate": ["--model", str(folders["missing"])],
+                "recommend": ["--model", str(folders["missing"]), "--user", "u1"]}.get(command, [])
+    if required and draw(st.sampled_from([True] * 5 + [False])):  # now and then a required flag is missing
+        argv += required
+    if draw(st.sampled_from([False] * 9 + [True])):
+        argv.insert(draw(st.integers(0, len(argv))), draw(st.sampled_from(["--bogus", "-x", "", "--", "extra", "--json=1"])))
+    return argv
+
+
+@pytest.fixture(scope="module")
+def cli_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    generic = root / "generic"
+    generic.mkdir()
+    (generic / "items.csv").write_text("item_id,text\nA,red mug\nB,blue jug\n", encoding="utf-8")
+    (generic / "interactions.csv").write_text(f"user_id,item_id,timestamp\nu1,A,{T0}\nu1,B,{T0 + 9000}\n", encoding="utf-8")
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "items.csv").write_text("item_id,text\nA,\n", encoding="utf-8")
+    (broken / "interactions.csv").write_text("user_id,item_id\nu1,A\n", encoding="utf-8")
+    return {"generic": generic, "broken": broken, "missing": root / "does-not-exist", "out": root / "run"}
+
+
+def check_reached(argv: list[str], reached: ReachedHeavyWork) -> None:
+    """What got past validation to the (stubbed) heavy work is a valid run."""
+    from hiermodel.privacy import DPConfig
+    from hiermodel.run_config import FedConfig
+
+    what = reached.what
+    if reached.command == "simulate":
+        check_run_config(what["config"])
+        assert what["num_clients"] is None or what["num_clients"] >= 1
+        assert what["min_site_users"] >= 0 and math.isfinite(what["alpha"]) and what["alpha"] > 0
+        assert build_parser().parse_args(argv).cpus_per_site > 0
+    else:
+        check_run_config(RunConfig(data=what["data"], model=what["model_config"], train=what["train_config"],
+                                   fed=FedConfig(), dp=DPConfig(enabled=False)))  # central training: no DP
+
+
+@fuzz(120)
+@given(data=st.data())
+def test_cli_argv(cli_folders, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, data) -> None:
+    import hiermodel.jobs
+    import simulation.cli
+
+    def stub(command: str):
+        def run(*args, **kwargs):
+            raise ReachedHeavyWork(command, **({"config": args[0]} if args else {}), **kwargs)
+        return run
+
+    monkeypatch.setattr(hiermodel.jobs, "train_job", stub("train"))
+    monkeypatch.setattr(simulation.cli, "prepare_run", stub("simulate"))
+    monkeypatch.delenv("HIERFED_DATA", raising=False)
+    argv = data.draw(cli_argv(cli_folders))
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage lines, then one "hierfed X: error: ..." line, exit 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.code == 2 and err, (argv, exc.code)
+        assert sum(": error: " in line for line in err) == 1 and ": error: " in err[-1] and err[-1].isprintable()
+        event("argparse usage error")
+        return
+    except ReachedHeavyWork as reached:
+        check_reached(argv, reached)
+        event(f"reached {reached.command}")
+        return
+    captured = capsys.readouterr()
+    if code == 0:
+        assert argv[0] == "data" and captured.out.strip() and not captured.err.strip()
+        event("data summary")
+        return
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (argv, code, lines[:5])
+    assert lines[0].startswith(f"hierfed {argv[0]}: error: ")
+    check_message(HierfedError(lines[0]))
+    event(f"{argv[0]}: one error line")
