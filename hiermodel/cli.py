@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from hiermodel.errors import ConfigError, HierfedError
+from hiermodel.errors import ConfigError, HierfedError, quoted
 
 # subcommand -> "module:function" taking the parsed args; imported only when that command runs
 HANDLERS = {
@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject-fault", action="append", default=[], metavar="KIND@SITE[:ROUND]",
                    help="testing: make simulated site SITE (partition index) misbehave every round or in ROUND; "
                         "KIND: crash, hang, nan, poison, wrong-shape, extra-key, huge-weight (repeatable)")
-    p.add_argument("--num-clients", type=number(int, at_least=1), help="simulated sites (natural: default one per site)")
+    p.add_argument("--num-clients", type=int, help="simulated sites (natural: default one per site)")
     p.add_argument("--partition", choices=("natural", "dirichlet", "iid"), default="natural",
                    help="natural = one site per data site (e.g. country); dirichlet / iid split users")
-    p.add_argument("--min-site-users", type=number(int, at_least=0), default=0, help="natural: group sites with fewer users into one")
+    p.add_argument("--min-site-users", type=int, default=0, help="natural: group sites with fewer users into one")
     p.add_argument("--alpha", type=number(float, above=0), default=0.5, help="dirichlet concentration (small = very non-IID)")
     p.add_argument("--rounds", type=int, help="federated rounds (fed.rounds, default 3)")
     p.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, fedtrimmedavg")
@@ -245,7 +245,7 @@ def _names(text: str) -> list[str]:
 def _check_groups(overrides: dict, groups: tuple[str, ...]) -> None:
     for key in overrides:
         if key.partition(".")[0] not in groups:
-            raise ConfigError(f"unknown run config key {key!r}; groups here: {', '.join(g + '.*' for g in groups)}")
+            raise ConfigError(f"unknown run config key {quoted(key)}; groups here: {', '.join(g + '.*' for g in groups)}")
 
 
 def main(argv: list[str] | None = None) -> int:

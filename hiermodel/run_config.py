@@ -8,7 +8,7 @@ import shlex
 import typing
 from collections.abc import Mapping
 
-from hiermodel.errors import ConfigError
+from hiermodel.errors import ConfigError, quoted
 
 Scalar = typing.Union[str, int, float, bool]
 
@@ -23,7 +23,7 @@ def parse_overrides(text: str) -> dict[str, Scalar]:
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"run config entry {token!r} is not key=value (e.g. \"model.num-levels=2\")")
+            raise ConfigError(f"run config entry {quoted(token)} is not key=value (e.g. \"model.num-levels=2\")")
         out[key.strip()] = _scalar(value.strip())
     return out
 
@@ -58,7 +58,7 @@ def apply_group(config, group: str, values: Mapping[str, Scalar], *, strict: boo
             if not strict:
                 continue
             valid = ", ".join(field_key(group, n) for n in fields)
-            raise ConfigError(f"unknown run config key {key!r}; valid {group}.* keys: {valid}")
+            raise ConfigError(f"unknown run config key {quoted(key)}; valid {group}.* keys: {valid}")
         changes[attr] = _convert(key, value, hints[attr])
     try:
         config = dataclasses.replace(config, **changes)
@@ -116,7 +116,7 @@ def check_limits(config, group: str) -> None:
             valid, what = LIMITS[key]
             value = getattr(config, f.name)
             if not valid(value):
-                raise ConfigError(f"run config key {key!r} must be {what}, got {value!r}")
+                raise ConfigError(f"run config key {key!r} must be {what}, got {quoted(value)}")
     lam = getattr(config, "fixed_lambda", None) if group == "model" else None
     if lam is not None and (len(lam) != config.num_levels or min(lam) < 0 or sum(lam) <= 0):
         raise ConfigError(
@@ -142,7 +142,7 @@ def _convert(key: str, value: Scalar, hint) -> object:
         if hint in (int, float) and isinstance(value, bool):
             raise ValueError  # int(True) would be 1
         if hint is float and not math.isfinite(float(value)):
-            raise ConfigError(f"run config key {key!r}: {value!r} is not a finite number")
+            raise ConfigError(f"run config key {key!r}: {quoted(value)} is not a finite number")
         if hint is bool:
             if isinstance(value, bool):
                 return value
@@ -151,7 +151,7 @@ def _convert(key: str, value: Scalar, hint) -> object:
             raise ValueError
         return hint(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"run config key {key!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+        raise ConfigError(f"run config key {key!r}: {quoted(value)} is not a valid {getattr(hint, '__name__', hint)}") from None
 
 
 def to_flat(config, group: str) -> dict[str, Scalar]:
@@ -223,7 +223,7 @@ class RunConfig:
 
         for key in flat:
             if key.partition(".")[0] not in cls.GROUPS:
-                raise ConfigError(f"unknown run config key {key!r}; groups: {', '.join(g + '.*' for g in cls.GROUPS)}")
+                raise ConfigError(f"unknown run config key {quoted(key)}; groups: {', '.join(g + '.*' for g in cls.GROUPS)}")
         dp = apply_group(DPConfig(), "dp", flat)
         model = apply_group(HierModelConfig(), "model", flat)
         if dp.enabled and model.use_popularity:
