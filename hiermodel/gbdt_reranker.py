@@ -12,10 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from hiermodel.data.dataset import Dataset
 from hiermodel.data.split import Example, train_popularity, train_targets_by_user
 from hiermodel.history import HistoryStats, example_histories
+
+# One OpenMP thread: on cores shared with other jobs, scikit-learn's spinning OpenMP workers made fitting
+# and scoring several times slower than a single thread (measured on the 2-core bench machine).
+THREADS = 1
 
 FEATURES = (
     "count",
@@ -126,7 +131,8 @@ class GBDTReranker:
         if labels.min() == labels.max():  # one class only (tiny data): constant scores below every feature
             self.model = None
         else:
-            self.model.fit(features, labels)
+            with threadpool_limits(THREADS, user_api="openmp"):
+                self.model.fit(features, labels)
 
     def _training_rows(self, dataset: Dataset, examples: list[Example], popular: int, similar: int):
         top_popular = np.argsort(-self.popularity, kind="stable")[:popular]
@@ -159,4 +165,5 @@ class GBDTReranker:
             candidate_features(h, everything, log_popularity=self.log_popularity, similarity=sim)
             for h, sim in zip(histories, sims)
         ])
-        return self.model.decision_function(features).reshape(len(examples), dataset.num_items)
+        with threadpool_limits(THREADS, user_api="openmp"):
+            return self.model.decision_function(features).reshape(len(examples), dataset.num_items)

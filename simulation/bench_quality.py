@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class QualitySettings:
     dp: DPConfig = field(default_factory=DPConfig)
     cpus_per_site: float = 1.0
     quick: bool = False
+    synthetic_users: int | None = None  # synthetic data: this many users instead of data.synthetic-users
+    model_changes: dict = field(default_factory=dict)  # HierModelConfig changes for every trained row (--quick: smaller)
 
 
 def _pick(metrics: dict) -> dict[str, float]:
@@ -131,7 +134,13 @@ def _federated_run(base_flat: dict, row: Row, *, seed: int, rounds: int, out: Pa
     config = RunConfig.from_flat(flat)  # under DP this also turns the popularity features off
     quiet = lambda *_: None  # noqa: E731 - the bench prints one line per run instead
     config, sites, encoding = prepare_run(config, out=out, partition="natural", num_clients=None, log=quiet)
-    results = simulate(config, num_sites=sites, cpus_per_site=cpus_per_site, encoding_seconds=encoding, log=quiet)
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.WARNING)  # Flower's per-round INFO lines (every config key) would bury the table's progress
+    try:
+        results = simulate(config, num_sites=sites, cpus_per_site=cpus_per_site, encoding_seconds=encoding, log=quiet)
+    finally:
+        flwr_log.setLevel(level)
     final = results["rounds"][-1]
     noise = [s["dp-noise-multiplier"] for s in final.get("sites", {}).values() if "dp-noise-multiplier" in s]
     trained = final.get("replies", {}).get("train")
@@ -150,13 +159,16 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
         raise ConfigError(f"--seeds must be at least 1, got {settings.seeds}")
     rows = select_rows(settings.rows, settings.epsilons)
     train = settings.train if settings.epochs is None else dataclasses.replace(settings.train, epochs=settings.epochs)
+    if settings.synthetic_users and data.dataset == "synthetic":
+        data = dataclasses.replace(data, synthetic_users=settings.synthetic_users)
+    model = dataclasses.replace(model, **settings.model_changes)
     started = time.perf_counter()
     dataset = data.load()
     summary = dataset.summary()
     report: dict = {
         "data": {"name": dataset.name, "users": len(dataset.users), "items": dataset.num_items, "summary": summary},
         "settings": {"seeds": list(range(settings.seeds)), "epochs": train.epochs, "patience": train.patience,
-                     "rounds": settings.rounds, "epsilons": list(settings.epsilons), "rows": [r.name for r in rows],
+                     "rounds": settings.rounds, "local_epochs": settings.fed.local_epochs, "epsilons": list(settings.epsilons), "rows": [r.name for r in rows],
                      "quick": settings.quick, "train": dataclasses.asdict(train)},
         "metrics": list(METRICS),
         "rows": [],
@@ -239,9 +251,10 @@ def check_targets(report: dict) -> list[dict]:
         "; ".join(context), absolute=True)
     rounds = report["settings"]["rounds"]
     ratio = None if not (central and fed) else mean(fed) / max(mean(central), 1e-12)
+    best = f" (best epoch {statistics.fmean(r['best_epoch'] for r in central['runs']):.1f})" if central else ""
     add("federated / centralized", "federated non-DP NDCG@10 ≥ 0.97 × centralized", ratio, 0.97,
-        f"{rounds} federated rounds of {report['settings']['train']['batch_size']}-user batches against an "
-        f"early-stopped centralized run")
+        f"{_plural(rounds, 'federated round')} of {_plural(report['settings'].get('local_epochs', 1), 'local epoch')} against ≤ {_plural(report['settings']['epochs'], 'epoch')} "
+        f"centralized{best}")
     for eps, threshold in ((8.0, 0.95), (4.0, None), (1.0, 0.85)):
         dp = _row(report, f"fed-dp{eps:g}")
         if dp is None and threshold is None:
@@ -258,7 +271,7 @@ def check_targets(report: dict) -> list[dict]:
     return out
 
 
-def estimate_full_seconds(report: dict) -> float:
+def estimate_full_seconds(report: dict) -> float | None:
     """The measured mean seconds per run of each row kind × every row of that kind × FULL_SEEDS (baselines once)
     at this run's epochs and rounds: an estimate of the full suite, not a measurement."""
     per_kind: dict[str, list[float]] = {}
@@ -271,9 +284,13 @@ def estimate_full_seconds(report: dict) -> float:
         if measured is None and per_kind.get(kind):
             measured = statistics.fmean(per_kind[kind])
         if measured is None:
-            return float("nan")  # a kind never run: no basis for an estimate
+            return None  # a kind never run: no basis for an estimate (and JSON has no NaN)
         total += measured * (1 if row.kind == "baseline" else FULL_SEEDS)
     return total
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _cell(row: dict, metric: str) -> str:
@@ -281,9 +298,9 @@ def _cell(row: dict, metric: str) -> str:
     return f"{mean:.3f}" if row["kind"] == "baseline" else f"{mean:.3f} ± {std:.3f}"
 
 
-def _duration(seconds: float) -> str:
-    if seconds != seconds:  # NaN
-        return "n/a"
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a (a row kind was not run)"
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
@@ -293,8 +310,8 @@ def quality_markdown(q: dict) -> list[str]:
     seeds = len(s["seeds"])
     lines = [f"### Quality on {q['data']['name']} ({q['data']['users']:,} users, {q['data']['items']:,} items)", "",
              f"Trained rows: mean ± std over {seeds} seed{'s' if seeds > 1 else ''} ({', '.join(map(str, s['seeds']))}); "
-             f"centralized ≤ {s['epochs']} epochs (early stopping, patience {s['patience']}); federated {s['rounds']} "
-             f"round{'s' if s['rounds'] > 1 else ''}, one site per data site, the server's test evaluation after the last round. "
+             f"centralized ≤ {_plural(s['epochs'], 'epoch')} (early stopping, patience {s['patience']}); federated "
+             f"{_plural(s['rounds'], 'round')}, one site per data site, the server's test evaluation after the last round. "
              "Baselines are deterministic (one run).", "",
              "| row | NDCG@10 | Recall@10 | Recall@20 | MRR | explore-R@20 | runs | s/run |",
              "|---|---|---|---|---|---|---|---|"]
@@ -340,7 +357,9 @@ def plot_quality(path: Path, q: dict) -> Path:
     return path
 
 
-QUICK = {"seeds": 1, "epochs": 2, "rounds": 1}
+# the smoke check of `hierfed bench --quick`: a small model on small synthetic data, one seed, one epoch / round
+QUICK = {"seeds": 1, "epochs": 1, "rounds": 1, "synthetic_users": 160}
+QUICK_MODEL = {"dim": 16, "max_history_items": 16, "max_baskets": 4, "scorer_hidden": 16}
 
 
 def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, epochs: int | None = None,
@@ -363,4 +382,7 @@ def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, 
         fed=apply_group(FedConfig(), "fed", overrides),
         dp=apply_group(DPConfig(), "dp", overrides),
         quick=quick,
+        # a size given in --run-config wins over the quick default
+        synthetic_users=None if "data.synthetic-users" in overrides else base.synthetic_users,
+        model_changes={k: v for k, v in QUICK_MODEL.items() if f"model.{k.replace('_', '-')}" not in overrides} if quick else {},
     )

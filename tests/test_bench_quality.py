@@ -4,7 +4,7 @@ the plot), its goal checks on made-up reports, and the gradient-boosted reranker
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,57 +35,75 @@ TARGET_FIELDS = {"name", "goal", "value", "threshold", "met", "limit", "applies"
 
 @pytest.fixture(scope="module")
 def quality(tiny_backbone: str, tmp_path_factory):
-    """Every row kind once: all baselines, centralized and ablation rows (2 seeds), a non-private and a DP federated run."""
-    out = tmp_path_factory.mktemp("bench-quality")
+    """Every row kind: the baselines, centralized and ablation rows over 2 seeds (so std is real), then a non-private
+    and a DP federated run over 1 seed (each federated run starts Ray: the slow part)."""
+    root = tmp_path_factory.mktemp("bench-quality")
+    runs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLWR_HOME", str(out / "flwr"))
-        code = main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(out),
-                     "--seeds", "2", "--epochs", "1", "--rounds", "1",
-                     "--rows", "baseline,centralized,ablation,fed-nodp,fed-dp8", "--run-config", TINY])
-    assert code == 0
-    return out, json.loads((out / "bench.json").read_text())["quality"]
+        mp.setenv("FLWR_HOME", str(root / "flwr"))
+        for name, seeds, rows in (("trained", "2", "baseline,centralized,ablation"), ("federated", "1", "fed-nodp,fed-dp8")):
+            out = root / name
+            code = main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(out),
+                         "--seeds", seeds, "--epochs", "1", "--rounds", "1", "--rows", rows, "--run-config", TINY])
+            assert code == 0
+            runs[name] = (out, json.loads((out / "bench.json").read_text())["quality"])
+    return runs
 
 
 def test_quality_json_has_every_field(quality) -> None:
-    out, q = quality
-    assert {"data", "settings", "metrics", "rows", "targets", "seconds", "estimate_full_seconds"} <= set(q)
-    assert q["metrics"] == list(METRICS) and q["settings"]["seeds"] == [0, 1] and q["settings"]["quick"]
-    expected = [r.name for r in all_rows() if r.kind != "federated"] + ["fed-nodp", "fed-dp8"]
-    assert sorted(r["name"] for r in q["rows"]) == sorted(expected)
-    for row in q["rows"]:
-        assert ROW_FIELDS <= set(row), row["name"]
-        assert row["n"] == (1 if row["kind"] == "baseline" else 2) == len(row["runs"])
-        for run in row["runs"]:
-            assert RUN_FIELDS[row["kind"]] <= set(run), row["name"]
-            assert set(run["metrics"]) == set(METRICS) and all(0 <= v <= 1 for v in run["metrics"].values())
-            assert run["seconds"] > 0
-        for m in METRICS:
-            values = [run["metrics"][m] for run in row["runs"]]
-            assert row["mean"][m] == pytest.approx(np.mean(values))
-            assert row["std"][m] == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+    names = []
+    for kind, (out, q) in quality.items():
+        seeds = 2 if kind == "trained" else 1
+        assert {"data", "settings", "metrics", "rows", "targets", "seconds", "estimate_full_seconds"} <= set(q)
+        assert q["metrics"] == list(METRICS) and q["settings"]["seeds"] == list(range(seeds)) and q["settings"]["quick"]
+        assert q["data"]["users"] == 40  # the size in --run-config wins over the quick default
+        for row in q["rows"]:
+            names.append(row["name"])
+            assert ROW_FIELDS <= set(row), row["name"]
+            assert row["n"] == (1 if row["kind"] == "baseline" else seeds) == len(row["runs"])
+            for run in row["runs"]:
+                assert RUN_FIELDS[row["kind"]] <= set(run), row["name"]
+                assert set(run["metrics"]) == set(METRICS) and all(0 <= v <= 1 for v in run["metrics"].values())
+                assert run["seconds"] > 0
+            for m in METRICS:
+                values = [run["metrics"][m] for run in row["runs"]]
+                assert row["mean"][m] == pytest.approx(np.mean(values))
+                assert row["std"][m] == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        for target in q["targets"]:
+            assert TARGET_FIELDS <= set(target)
+        assert q["estimate_full_seconds"] is None  # each half lacks a row kind: no basis for the full-run estimate
+    assert sorted(names) == sorted([r.name for r in all_rows() if r.kind != "federated"] + ["fed-nodp", "fed-dp8"])
+
+    out, q = quality["trained"]
+    rows = {r["name"]: r for r in q["rows"]}
+    assert rows["word-alone"]["runs"][0]["lambda"] == [1.0, 0.0, 0.0]
+    assert rows["central"]["runs"][0]["metrics"] != rows["central"]["runs"][1]["metrics"]  # the seeds differ
+    targets = {t["name"]: t for t in q["targets"]}
+    assert not targets["centralized NDCG@10"]["applies"]  # synthetic data: the absolute goal is informative only
+    assert targets["centralized NDCG@10"]["value"] == pytest.approx(rows["central"]["mean"]["ndcg@10"])
+    assert targets["federated / centralized"]["met"] is None  # no federated row in this run
+
+    out, q = quality["federated"]
     fed = {r["name"]: r for r in q["rows"]}
     assert fed["fed-dp8"]["epsilon"] == 8.0 and fed["fed-nodp"]["epsilon"] is None
     assert fed["fed-dp8"]["runs"][0]["noise_multiplier_range"][1] > 0
     assert fed["fed-nodp"]["runs"][0]["noise_multiplier_range"] is None
     for run in fed["fed-nodp"]["runs"] + fed["fed-dp8"]["runs"]:
-        assert run["rounds"] == 1 and (out / "quality" / run["out"].split("/")[-1] / "results.json").is_file()
-    assert fed["word-alone"]["runs"][0]["lambda"] == [1.0, 0.0, 0.0]
-    for target in q["targets"]:
-        assert TARGET_FIELDS <= set(target)
-    by_name = {t["name"]: t for t in q["targets"]}
-    assert by_name["DP ε=1 / non-DP"]["met"] is None  # its row was not run
+        assert run["rounds"] == 1 and (out / "quality" / Path(run["out"]).name / "results.json").is_file()
+    targets = {t["name"]: t for t in q["targets"]}
+    assert targets["DP ε=1 / non-DP"]["met"] is None  # its row was not run
     ratio = fed["fed-dp8"]["mean"]["ndcg@10"] / fed["fed-nodp"]["mean"]["ndcg@10"]
-    assert by_name["DP ε=8 / non-DP"]["value"] == pytest.approx(ratio)
-    assert not by_name["centralized NDCG@10"]["applies"]  # synthetic data: the absolute goal is informative only
-    assert q["estimate_full_seconds"] > 0
+    assert targets["DP ε=8 / non-DP"]["value"] == pytest.approx(ratio)
 
 
 def test_quality_markdown_and_plot(quality) -> None:
-    out, q = quality
-    text = (out / "bench.md").read_text()
-    assert "### Quality on synthetic" in text and "| federated, DP ε = 8 |" in text and "**estimate**" in text
-    assert "| DP ε = 8 NDCG@10 ≥ 0.95 × federated non-DP |" in text
-    assert (out / "quality.png").is_file() and (out / "quality" / "quality.json").is_file()
+    for kind, (out, _) in quality.items():
+        text = (out / "bench.md").read_text()
+        assert "### Quality on synthetic" in text and "**estimate** n/a" in text
+        assert (out / "quality.png").is_file() and (out / "quality" / "quality.json").is_file()
+    assert "| hierarchical model, centralized (3 levels, learned λ) |" in (quality["trained"][0] / "bench.md").read_text()
+    text = (quality["federated"][0] / "bench.md").read_text()
+    assert "| federated, DP ε = 8 |" in text and "| DP ε = 8 NDCG@10 ≥ 0.95 × federated non-DP |" in text
 
 
 def _report(values: dict[str, float], name: str = "online-retail") -> dict:
@@ -105,7 +123,7 @@ def test_goals_are_checked_against_the_means() -> None:
     assert targets["centralized NDCG@10"]["met"] and targets["centralized NDCG@10"]["limit"] == ""
     assert not targets["federated / centralized"]["met"]  # 0.31 / 0.33 = 0.939 < 0.97
     assert targets["federated / centralized"]["value"] == pytest.approx(0.31 / 0.33)
-    assert "rounds" in targets["federated / centralized"]["limit"]
+    assert "10 federated rounds" in targets["federated / centralized"]["limit"]
     assert targets["DP ε=8 / non-DP"]["met"]  # 0.30 / 0.31 = 0.968
     assert not targets["DP ε=1 / non-DP"]["met"]  # 0.25 / 0.31 = 0.806 < 0.85
     assert targets["DP ε=4 / non-DP"]["met"] is None and targets["DP ε=4 / non-DP"]["value"] == pytest.approx(0.2 / 0.31)
@@ -120,7 +138,7 @@ def test_full_run_estimate_scales_measured_kinds() -> None:
     trained = sum(1 for r in rows if r.kind != "baseline")
     baselines = len(rows) - trained
     assert estimate_full_seconds(report) == pytest.approx(2.0 * (baselines + 3 * trained))
-    assert math.isnan(estimate_full_seconds(_report({"central": 0})))  # no baseline or federated run measured
+    assert estimate_full_seconds(_report({"central": 0})) is None  # no baseline or federated run measured
 
 
 def test_row_selection() -> None:
