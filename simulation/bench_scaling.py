@@ -37,6 +37,7 @@ from pathlib import Path
 
 from hiermodel.data.synthetic import SyntheticConfig, generate_synthetic
 from hiermodel.errors import ConfigError, DataError
+from hiermodel.jobs import write_json
 from hiermodel.run_config import RunConfig, Scalar
 
 COMPONENTS = ("site_training", "aggregation", "server_evaluation", "framework_overhead")
@@ -50,13 +51,13 @@ class ScalingPoint:
     history: int = 1  # factor on the history window (and, for synthetic data, on the baskets per user)
 
 
-FULL_POINTS = (
+FULL_POINTS = (  # run in this order: the issue's 4 → 37 → 200 first, in case the run has to stop early
     ScalingPoint("retail-4", "online-retail", 4),
     ScalingPoint("retail-37", "online-retail", 37),
-    ScalingPoint("retail-37-h4", "online-retail", 37, 4),
-    ScalingPoint("synthetic-37", "synthetic", 37),
     ScalingPoint("synthetic-200", "synthetic", 200),
+    ScalingPoint("retail-37-h4", "online-retail", 37, 4),
     ScalingPoint("synthetic-200-h4", "synthetic", 200, 4),
+    ScalingPoint("synthetic-37", "synthetic", 37),
 )
 QUICK_POINTS = (  # three simulations: Ray and worker start-up (~20 s each on 2 busy cores) is most of the time
     ScalingPoint("synthetic-2", "synthetic", 2),
@@ -149,6 +150,7 @@ class MemorySampler(threading.Thread):
         self.workers_sum_peak = 0  # the largest sum of the workers' current RSS at one sample
         self.worker_hwm: dict[int, int] = {}  # each worker's own peak (VmHWM), last seen
         self.samples = 0
+        self.load = 0.0  # the 1-minute load average summed over samples: others' jobs share the cores
 
     def sample(self) -> None:
         me = os.getpid()
@@ -166,6 +168,7 @@ class MemorySampler(threading.Thread):
                 self.worker_hwm[pid] = max(self.worker_hwm.get(pid, 0), status.get("VmHWM", 0))
         self.workers_sum_peak = max(self.workers_sum_peak, total)
         self.samples += 1
+        self.load += os.getloadavg()[0]
 
     def run(self) -> None:
         self.sample()
@@ -185,6 +188,7 @@ class MemorySampler(threading.Thread):
             "worker_peak_rss_mib": max(self.worker_hwm.values(), default=0) * mib,
             "workers_sum_peak_rss_mib": self.workers_sum_peak * mib,
             "samples": self.samples,
+            "load_average": self.load / max(self.samples, 1),
         }
 
 
@@ -338,6 +342,8 @@ def scaling_suite(settings: ScalingSettings, out: Path, *, log=print) -> dict:
             continue
         try:
             measured.append(run_point(point, settings, out, log=log))
+            # a long run keeps what it measured so far, should it be stopped
+            write_json(out / "partial.json", {"points": measured, "not_measured": skipped})
         except DataError as exc:  # e.g. no Online Retail file on this machine: say so, measure the rest
             log(f"scaling {point.name}: not measured ({exc})")
             skipped.append({"name": point.name, "data": point.data, "sites": point.sites, "history": point.history,
@@ -374,23 +380,27 @@ def _sentence(g: dict) -> str:
     return f"- {g['from']} → {g['to']} ({axis} × {g['ratio']:.2f}): " + "; ".join(parts) + extra + "."
 
 
+def _load(memory: dict) -> str:
+    return f"{memory['load_average']:.1f}" if "load_average" in memory else "–"  # reports written before it was sampled
+
+
 def markdown(report: dict) -> list[str]:
     s = report
     lines = [f"Scaling (whole simulations, DP-SGD on, {s['rounds_per_point']} rounds per point, federated evaluation off, "
              f"server evaluation on; time per round = mean over rounds 2+, round 1 apart):", "",
              "| point | sites | history (× / mean items / baskets seen) | users | round (s) | round 1 (s) | training | aggregation "
-             "| server eval | framework | encoding (s) | Ray start+stop (s) | driver peak (MiB, + during the point) | workers peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in s["points"]:
+             "| server eval | framework | encoding (s) | Ray start+stop (s) | driver peak (MiB, + during the point) | workers peak (MiB) "
+             "| load average |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(s["points"], key=lambda p: (p["data"], p["history"], p["sites"])):
         sp, m = p["split"], p["memory"]
         lines.append(
             f"| {p['name']} | {p['sites']} | ×{p['history']} / {p['mean_history_items']:.0f} / {p['mean_history_baskets']:.1f} "
             f"| {p['users']:,} | {p['round_seconds']:.1f} | {p['first_round_seconds']:.1f} | {sp['site_training']:.1f} "
             f"| {sp['aggregation']:.2f} | {sp['server_evaluation']:.1f} | {sp['framework_overhead']:.1f} | {p['encoding_seconds']:.1f} "
             f"| {p['ray_startup_shutdown_seconds']:.1f} | {m['driver_peak_rss_mib']:.0f} (+{m['driver_added_mib']:.0f}) | {m['workers_sum_peak_rss_mib']:.0f} "
-            f"({m['workers']} workers, largest {m['worker_peak_rss_mib']:.0f}) |")
+            f"({m['workers']} workers, largest {m['worker_peak_rss_mib']:.0f}) | {_load(m)} |")
     for p in s["not_measured"]:
-        lines.append(f"| {p['name']} | {p['sites']} | ×{p['history']} | not measured: {p['reason']} |" + " |" * 10)
+        lines.append(f"| {p['name']} | {p['sites']} | ×{p['history']} | not measured: {p['reason']} |" + " |" * 11)
     lines += ["", "Time columns are seconds per round. Training = max(slowest site, sum over sites / the sites run at once); "
               "framework = the rest of the round (Flower messaging, Ray scheduling, building each site in its worker). "
               "Memory, sampled from /proc: driver = this process (ServerApp, Flower's simulation, Ray's driver), its peak RSS "

@@ -20,7 +20,7 @@ POINT_FIELDS = {"name", "data", "sites", "history", "users", "items", "baskets",
                 "round_seconds_from", "first_round_seconds", "split", "per_round", "encoding_seconds", "prepare_seconds",
                 "ray_startup_shutdown_seconds", "server_setup_seconds", "wall_seconds", "memory"}
 MEMORY_FIELDS = {"driver_start_rss_mib", "driver_peak_rss_mib", "driver_added_mib", "workers", "worker_peak_rss_mib",
-                 "workers_sum_peak_rss_mib", "samples"}
+                 "workers_sum_peak_rss_mib", "samples", "load_average"}
 
 
 @pytest.fixture(scope="module")
