@@ -42,12 +42,15 @@ def _saved_state(context: Context, config: RunConfig, site, index: int) -> SiteS
     """The site's state file for this run (None outside a run the server named, e.g. in unit tests)."""
     if not config.fed.run_id:
         return None
-    return SiteState(state_root(context.node_config), run_id=config.fed.run_id, site=f"{index}-{site.dataset.name}")
+    name = str(context.node_config.get("site-name") or site.dataset.name)
+    return SiteState(state_root(context.node_config), run_id=config.fed.run_id, site=f"{index}-{name}")
 
 
 def _restore(context: Context, saved: SiteState | None) -> None:
-    """A fresh process (a restarted site or a resumed run) picks up what the site saved."""
-    if saved is None or PRIVACY in context.state or PERSONAL_LAMBDA in context.state:
+    """What the site saved wins over what this process holds: a restarted site or a resumed run
+    picks it up, and so does a round that starts while a late earlier round of the same site is
+    still finishing elsewhere (Flower's simulation can run them in two workers at once)."""
+    if saved is None:
         return
     state = saved.load()
     if state is None:

@@ -36,6 +36,7 @@ class SiteSpec:
     budget_epsilon: float | None = None
     site_index: int | None = None
     runtime_port: int = RUNTIME_PORT
+    state_dir: Path | None = None  # where the site keeps its accountant history (default ~/.local/state/hierfed/sites)
 
     def node_config(self) -> dict[str, object]:
         """What the ClientApp reads from context.node_config."""
@@ -44,6 +45,8 @@ class SiteSpec:
             config["site-index"] = self.site_index
         if self.budget_epsilon is not None:
             config["budget-epsilon"] = float(self.budget_epsilon)
+        if self.state_dir is not None:
+            config["state-dir"] = str(Path(self.state_dir).resolve())
         return config
 
 
@@ -160,6 +163,8 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-key", type=Path, help="this site's private key (sites/NAME.key from hierfed certs)")
     parser.add_argument("--budget-epsilon", type=float, help="this site's ε for the whole run (overrides the run's dp.target-epsilon)")
     parser.add_argument("--site-index", type=int, help="this site's number in the results (default 0)")
+    parser.add_argument("--state-dir", type=Path, help="where this site keeps what it spent in each run (its accountant "
+                        "history, checksummed; default ~/.local/state/hierfed/sites): keep it across restarts")
     parser.add_argument("--runtime-port", type=int, default=RUNTIME_PORT,
                         help=f"local port of the SuperNode's Runtime API on 127.0.0.1 (default {RUNTIME_PORT}; one per SuperNode)")
 
@@ -168,7 +173,7 @@ def spec_from_args(args: argparse.Namespace) -> SiteSpec:
     """The SiteSpec that `hierfed site` arguments describe."""
     return SiteSpec(superlink=args.superlink, site=args.site, data=args.data, root_cert=args.root_cert,
                     auth_key=args.auth_key, insecure=args.insecure, budget_epsilon=args.budget_epsilon,
-                    site_index=args.site_index, runtime_port=args.runtime_port)
+                    site_index=args.site_index, runtime_port=args.runtime_port, state_dir=args.state_dir)
 
 
 def run_site(args: argparse.Namespace) -> int:

@@ -496,13 +496,6 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     empirical.add_argument("--canaries", type=int, default=200, metavar="M", help="with --empirical: canary users (default 200)")
     empirical.add_argument("--confidence", type=float, default=0.95, help="with --empirical: of the lower bound (default 0.95)")
 
-    empirical = parser.add_argument_group("empirical audit (canary users, one training run)")
-    empirical.add_argument("--empirical", action="store_true",
-                           help="train --site again with canary users and bound its ε from below (exit 1 above the claimed ε)")
-    empirical.add_argument("--site", help="with --empirical: the site to audit, by its name in the run's partitions")
-    empirical.add_argument("--canaries", type=int, default=200, metavar="M", help="with --empirical: canary users (default 200)")
-    empirical.add_argument("--confidence", type=float, default=0.95, help="with --empirical: of the lower bound (default 0.95)")
-
 
 def ledger_path(run_dir: Path) -> Path:
     """The ledger file a RUN_DIR argument names."""
@@ -514,10 +507,6 @@ def ledger_path(run_dir: Path) -> Path:
 
 def run_audit(args: argparse.Namespace) -> int:
     """Audit a run's ledger, print the report, write the plot; 0 when all is well, 1 on findings."""
-    if getattr(args, "empirical", False):
-        return run_empirical_audit(args)
-    if getattr(args, "site", None):
-        raise ConfigError("--site picks the site of an empirical audit: add --empirical")
     if getattr(args, "empirical", False):
         return run_empirical_audit(args)
     if getattr(args, "site", None):
@@ -534,26 +523,6 @@ def run_audit(args: argparse.Namespace) -> int:
         if report.series:
             print(f"\nε per round: {plot}")
     return 0 if report.ok else 1
-
-
-def run_empirical_audit(args: argparse.Namespace) -> int:
-    """`hierfed audit RUN_DIR --empirical --site NAME`: the canary audit of hiermodel.canary_audit;
-    prints the table (or --json), writes RUN_DIR/empirical-audit-NAME.json; 1 when ε_lb > claimed ε."""
-    from hiermodel.canary_audit import audit_site, format_report, load_site, report_path, write_report
-
-    if not args.site:
-        raise ConfigError("--empirical needs --site NAME: the site whose training is audited")
-    if not Path(args.run_dir).is_dir():
-        raise DataError(f"{args.run_dir}: no such run directory; pass the folder `hierfed simulate --out` wrote")
-    dataset, config = load_site(args.run_dir, args.site)
-    audit = audit_site(dataset, config, site=args.site, canaries=args.canaries, confidence=args.confidence,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
-    path = write_report(audit, report_path(args.run_dir, args.site))
-    if args.json:
-        print(json.dumps(audit.to_dict(), indent=2))
-    else:
-        print(format_report(audit) + f"\n\nreport: {path}")
-    return 0 if audit.ok else 1
 
 
 def run_empirical_audit(args: argparse.Namespace) -> int:

@@ -166,14 +166,6 @@ class PrivacyLedger:
                 else:
                     self._digest = record["digest"]
 
-    @property
-    def last_round(self) -> int:
-        """The last round the ledger closed (0 when it has none)."""
-        if not self.path.exists():
-            return 0
-        rounds = [r["round"] for r in read_ledger(self.path) if r["kind"] == "round"]
-        return max(rounds, default=0)
-
     def append_round(self, server_round: int, records: list[dict]) -> None:
         """Validate the sites' records, number them, and write them and the round record durably."""
         sites = [r.get("site") for r in records]

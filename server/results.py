@@ -65,6 +65,10 @@ class RunResults:
             f"ndcg@10 {shown.get('ndcg@10', float('nan')):.4f}, explore@20 {shown.get('explore_recall@20', float('nan')):.4f} "
             f"({row['wall_seconds']:.1f}s)"
         )
+        for failure in row["failures"]:
+            self.log(f"  site {failure['site']} failed ({failure['phase']}): {failure['reason']}")
+        for rejected in row["rejected"]:
+            self.log(f"  site {rejected['site']}: update rejected: {rejected['reason']}")
 
     @staticmethod
     def _reply_counts(entry: dict) -> dict[str, int]:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from hiermodel.errors import ConfigError
+from hiermodel.jobs import write_json
 from hiermodel.run_config import RunConfig, parse_overrides
 from simulation.run import prepare_run, simulate
 
@@ -55,6 +56,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         server_eval=not args.no_server_eval,
     )
     if args.prepare_only:
+        write_json(args.out / "run_config.json", config.to_flat())  # what `hierfed audit --empirical` reads
         print(flwr_run_command(config, num_sites))
         return 0
     simulate(config, num_sites=num_sites, cpus_per_site=args.cpus_per_site, encoding_seconds=encoding_seconds,

