@@ -14,12 +14,15 @@ or damaged cache is reported, set aside (renamed, not deleted) and rebuilt, neve
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +74,20 @@ class EncodingCache:
         self.backbone = backbone
         self.folder = (root or default_cache_root()) / f"{backbone.fingerprint}-T{backbone.max_tokens}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.rows, self.keys = self._read_committed()
+        self.lock_path = self.folder.with_name(self.folder.name + ".lock")  # beside it: outlives setting it aside
+        with self._locked():
+            self.rows, self.keys = self._read_committed()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process at a time checks, truncates or appends (sites and runs share a cache); readers
+        of committed rows need no lock, as committed bytes never change."""
+        with open(self.lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _read_committed(self) -> tuple[int, dict[str, int]]:
         if not (self.folder / "meta.json").exists():
@@ -131,10 +147,13 @@ class EncodingCache:
     def encode_texts(self, texts: list[str], *, batch_size: int = 64, progress: bool = True) -> ItemEncodings:
         """Encodings for ``texts`` (in order), running the backbone only on texts not yet cached."""
         keys = [text_key(t) for t in texts]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.keys))
-        if missing:
-            by_key = dict(zip(keys, texts))
-            self._append([by_key[k] for k in missing], missing, batch_size=batch_size, progress=progress)
+        if any(k not in self.keys for k in keys):
+            with self._locked():
+                self.rows, self.keys = self._read_committed()  # another process may have added rows meanwhile
+                missing = list(dict.fromkeys(k for k in keys if k not in self.keys))
+                if missing:
+                    by_key = dict(zip(keys, texts))
+                    self._append([by_key[k] for k in missing], missing, batch_size=batch_size, progress=progress)
         rows = np.fromiter((self.keys[k] for k in keys), dtype=np.int64, count=len(keys))
         return self._view(rows)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,23 @@ def test_damaged_cache_is_reported_set_aside_and_rebuilt(tiny_backbone: str, tmp
     rebuilt = again.encode_texts(texts, progress=False)
     assert torch.equal(rebuilt.sentence, good.sentence)
     assert EncodingCache(backbone, tmp_path).rows == 3  # and the rebuilt cache checks out
+
+
+def _encode_in_another_process(backbone_path: str, root: str, texts: list[str]) -> None:
+    EncodingCache(FrozenBackbone(backbone_path, max_tokens=8), Path(root)).encode_texts(texts, progress=False)
+
+
+def test_processes_appending_at_once_leave_one_consistent_cache(tiny_backbone: str, tmp_path) -> None:
+    import multiprocessing
+
+    batches = [[f"{colour} item {i}" for i in range(40)] for colour in ("red", "blue", "green")]
+    # fork where there is one: the children need not import torch again
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    workers = [context.Process(target=_encode_in_another_process, args=(tiny_backbone, str(tmp_path), b)) for b in batches]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    cache = EncodingCache(FrozenBackbone(tiny_backbone, max_tokens=8), tmp_path)
+    assert cache.rows == 120 and not list(tmp_path.glob("*.damaged-*"))  # every append kept, checksums hold
