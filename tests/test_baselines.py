@@ -256,7 +256,7 @@ def test_registry_builds_every_name():
     for name in BASELINE_NAMES:
         ranker = build_baseline(name, dataset=REPEAT, item_vectors=vectors)
         assert ranker.name == name and isinstance(ranker, Ranker)
-    assert set(BASELINE_NAMES) == {"gpop", "ppop", "decayed-repeat", "itemknn", "zeroshot", "zeroshot-pop"}
+    assert set(BASELINE_NAMES) == {"gpop", "ppop", "decayed-repeat", "itemknn", "zeroshot", "zeroshot-pop", "gbdt"}
 
 
 def test_registry_rejects_unknown_names_listing_valid_ones():
