@@ -3,6 +3,7 @@ stay here; replies carry only the trainable state and scalar metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -95,26 +96,28 @@ def train(msg: Message, context: Context) -> Message:
     received = _arrays(msg)
     server_round = int(msg.content["config"]["server-round"])
     saved = _saved_state(context, config, site, index)
-    _restore(context, saved)
-    plan = _privacy_plan(context, site, config)
-    result = site.train(
-        received,
-        train_config=config.train,
-        local_epochs=config.fed.local_epochs,
-        server_round=server_round,
-        personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        privacy=plan,
-        dp_config=config.dp,
-    )
-    if plan is not None:  # only a round that completed reaches here, so only those are charged
-        context.state[PRIVACY] = ConfigRecord({"plan": plan.to_json()})
-    state = result.state
-    if config.fed.personal_lambda and LAMBDA_KEY in state:
-        # λ stays here: keep it in the site's state, and hand the global λ back unchanged
-        context.state[PERSONAL_LAMBDA] = ArrayRecord({"lambda": Array(state[LAMBDA_KEY])})
-        state = {**state, LAMBDA_KEY: received[LAMBDA_KEY]}
-    _save(context, saved)  # before the reply leaves: a spend is on the site's disk before anyone can see it
+    # one round of this site at a time loads, trains and saves (a late round may still run elsewhere)
+    with saved.locked() if saved is not None else contextlib.nullcontext():
+        _restore(context, saved)
+        plan = _privacy_plan(context, site, config)
+        result = site.train(
+            received,
+            train_config=config.train,
+            local_epochs=config.fed.local_epochs,
+            server_round=server_round,
+            personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
+            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+            privacy=plan,
+            dp_config=config.dp,
+        )
+        if plan is not None:  # only a round that completed reaches here, so only those are charged
+            context.state[PRIVACY] = ConfigRecord({"plan": plan.to_json()})
+        state = result.state
+        if config.fed.personal_lambda and LAMBDA_KEY in state:
+            # λ stays here: keep it in the site's state, and hand the global λ back unchanged
+            context.state[PERSONAL_LAMBDA] = ArrayRecord({"lambda": Array(state[LAMBDA_KEY])})
+            state = {**state, LAMBDA_KEY: received[LAMBDA_KEY]}
+        _save(context, saved)  # before the reply leaves: a spend is on the site's disk before anyone can see it
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in received}),

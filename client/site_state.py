@@ -9,10 +9,14 @@ a SHA-256 of its content: a damaged file is refused (training on would forget sp
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hiermodel.errors import DataError
@@ -50,15 +54,32 @@ class SiteState:
                             "backup — training on without it would forget the ε this site already spent")
         return state
 
-    def save(self, state: dict) -> None:
-        """Replace the file atomically: a crash leaves the old state or the new one, never a mix."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the site's lock from loading its state to saving it, so two rounds of one site that
+        overlap cannot both start from the same history and one of them be forgotten."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def save(self, state: dict) -> None:
+        """Replace the file atomically and durably: a crash leaves the old state or the new one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"sha256": _digest(state), "state": state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself must survive a crash
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _digest(state: dict) -> str:

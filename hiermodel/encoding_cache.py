@@ -108,12 +108,13 @@ class EncodingCache:
         try:
             meta = json.loads((self.folder / "meta.json").read_text())
             rows, segments = int(meta["rows"]), list(meta["segments"])
+            segments = [(int(seg["rows"]), {str(k): str(v) for k, v in seg["sha256"].items()}) for seg in segments]
             keys_text = (self.folder / "keys.txt").read_text()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return f"unreadable or written without checksums ({exc!r})", 0, []
         keys = keys_text.split()[:rows]  # keys past the committed rows: an append that did not finish
         if meta.get("fingerprint") != self.backbone.fingerprint or len(keys) != rows or \
-                sum(int(seg["rows"]) for seg in segments) != rows:
+                sum(n for n, _ in segments) != rows:
             return "its index does not match its rows", 0, []
         if _sha256(_keys_text(keys)) != meta.get("keys_sha256"):
             return "keys.txt fails its checksum", 0, []
@@ -124,8 +125,8 @@ class EncodingCache:
         t, d = self.backbone.max_tokens, self.backbone.dim
         for name, row_bytes in self._files(t, d).items():
             with open(self.folder / name, "rb") as f:
-                for seg in segments:
-                    if _sha256(f.read(int(seg["rows"]) * row_bytes)) != seg["sha256"].get(name):
+                for n, digests in segments:
+                    if _sha256(f.read(n * row_bytes)) != digests.get(name):
                         return f"{name} fails its checksum (damaged)", 0, []
         return None, rows, keys
 

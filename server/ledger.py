@@ -36,6 +36,7 @@ SITE_FIELDS = {
 }
 ROUND_FIELDS = {"kind": "str", "round": "int", "sites": "list", "digest": "str"}
 GENESIS = "0" * 64  # the digest "before" the first round
+LEGACY_DIGEST = ""  # a round record written before the chain existed: nothing to check
 _TYPES = {"str": (str,), "int": (numbers.Integral,), "float": (numbers.Real,), "list": (list,)}  # numpy scalars too
 _PLAIN = {"int": int, "float": float, "str": str, "list": list}
 
@@ -102,6 +103,11 @@ def _parse(line: str) -> tuple[dict | None, str | None]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, f"not JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(record, dict):  # a ledger from before these fields: no unreported steps, no chain
+        if record.get("kind") == "site-round":
+            record.setdefault("unreported_steps", 0)
+        elif record.get("kind") == "round":
+            record.setdefault("digest", LEGACY_DIGEST)
     return record, record_problem(record)
 
 
@@ -142,7 +148,7 @@ def completed_rounds(path: Path) -> tuple[list[dict], list[str]]:
         if record["kind"] == "site-round":
             pending.append(record)
             continue
-        if record["digest"] != round_digest(digest, pending):
+        if record["digest"] != LEGACY_DIGEST and record["digest"] != round_digest(digest, pending):
             raise DataError(f"{path}, record {number}: round {record['round']}'s digest does not match the records "
                             "before it; the ledger was edited or corrupted — restore it before resuming")
         records += [*pending, record]

@@ -11,7 +11,7 @@ from hiermodel.run_config import RunConfig
 from hiermodel.data.store import MANIFEST, read_manifest
 from hiermodel.privacy import ACCOUNTANT_CODES
 from server.global_model import GlobalModel
-from server.ledger import LEDGER_FILE, PrivacyLedger
+from server.ledger import LEDGER_FILE, PrivacyLedger, record_problem
 from server.run_directory import RunDirectory
 from server.strategy import RoundLog
 
@@ -40,6 +40,7 @@ class RunResults:
             return
         checkpoint = self.run_dir.checkpoint(server_round, state)
         entry = self.round_log.entry(server_round)
+        privacy = self._privacy_records(server_round, entry) if self.ledger is not None else []
         row = {
             "round": server_round,
             "checkpoint": checkpoint,
@@ -50,13 +51,14 @@ class RunResults:
             "sites": self._site_metrics(entry),
             "failures": [{**f, "site": self._site_of(entry["clients"].get(f["node"], {}), f["node"])} for f in entry["failures"]],
             "rejected": [{**r, "site": self._site_of(entry["clients"][r["node"]], r["node"])} for r in entry.get("rejected", [])],
+            "privacy_errors": entry.get("privacy_errors", []),
             "replies": self._reply_counts(entry),
             "wall_seconds": time.time() - entry.get("started", time.time()),
             "time": self._time_split(entry, evaluate_seconds),
         }
         self.rows.append(row)
         if self.ledger is not None:
-            self.ledger.append_round(server_round, self._privacy_records(server_round, entry))
+            self.ledger.append_round(server_round, privacy)
         self.run_dir.write_results(self._payload())
         shown = server_metrics or row["client_evaluate"]
         self.log(
@@ -96,27 +98,44 @@ class RunResults:
         return split
 
     def _privacy_records(self, server_round: int, entry: dict) -> list[dict]:
-        """One ledger record per site that replied this round, from the dp-* metrics it reported."""
-        records = []
+        """One ledger record per site that replied this round, from the dp-* metrics it reported.
+
+        A site whose privacy metrics do not make a valid record is logged and listed in the round's
+        `privacy_errors` instead: one site's bad report must not stop the run or the ledger.
+        """
+        records, seen = [], set()
         for node, client in entry["clients"].items():
             m = client.get("train_metrics", {})
             if "dp-noise-multiplier" not in m:
                 continue
-            records.append({
-                "round": server_round,
-                "site": self._site_of(client, node),
-                "status": "declined" if m.get("dp-declined") else "trained",
-                "accountant": ACCOUNTANT_NAMES[int(m["dp-accountant"])],
-                "noise_multiplier": float(m["dp-noise-multiplier"]),
-                "sample_rate": float(m["dp-sample-rate"]),
-                "steps": int(m["dp-steps"]),
-                "total_steps": int(m["dp-total-steps"]),
-                "clip_norm": float(m["dp-clip-norm"]),
-                "delta": float(m["dp-delta"]),
-                "epsilon": float(m["dp-epsilon"]),
-                "budget_epsilon": float(m["dp-budget"]),
-                "users": int(m["dp-users"]),
-            })
+            site = self._site_of(client, node)
+            if site in seen:  # two replies claim one site: keep both, told apart by node
+                site = f"{site}@node-{node}"
+            try:
+                record = {
+                    "round": server_round,
+                    "site": site,
+                    "status": "declined" if m.get("dp-declined") else "trained",
+                    "accountant": ACCOUNTANT_NAMES[int(m["dp-accountant"])],
+                    "noise_multiplier": float(m["dp-noise-multiplier"]),
+                    "sample_rate": float(m["dp-sample-rate"]),
+                    "steps": int(m["dp-steps"]),
+                    "total_steps": int(m["dp-total-steps"]),
+                    "clip_norm": float(m["dp-clip-norm"]),
+                    "delta": float(m["dp-delta"]),
+                    "epsilon": float(m["dp-epsilon"]),
+                    "budget_epsilon": float(m["dp-budget"]),
+                    "users": int(m["dp-users"]),
+                }
+                problem = record_problem({**record, "kind": "site-round", "seq": 1, "unreported_steps": 0})
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                entry.setdefault("privacy_errors", []).append({"site": site, "reason": problem[:300]})
+                self.log(f"  site {site}: privacy metrics not recorded in the ledger: {problem[:300]}")
+                continue
+            seen.add(site)
+            records.append(record)
         return records
 
     def _clients(self, entry: dict) -> dict[str, dict]:

@@ -37,7 +37,11 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
     if config.fed.resume:
         # the run goes on exactly as it started (its run id names the sites' saved privacy state)
         stored = run_dir.read_config()
-        config = dataclasses.replace(stored, fed=dataclasses.replace(stored.fed, resume=True))
+        # the folder opened is the run (it may have been moved or copied since it started); a run
+        # killed before it got its id gets one now, so its sites save what they spend from here on
+        fed = dataclasses.replace(stored.fed, resume=True, out_dir=str(run_dir.folder),
+                                  run_id=stored.fed.run_id or uuid.uuid4().hex)
+        config = dataclasses.replace(stored, fed=fed)
         point = find_resume_point(run_dir, dp=config.dp.enabled)
         log(describe(point, run_dir.folder, config.fed.rounds))
     else:

@@ -54,6 +54,17 @@ class RoundLog:
         return self.rounds.setdefault(server_round, {"round": server_round, "clients": {}, "failures": []})
 
 
+def _record_shape_problem(content: RecordDict, phase: str) -> str | None:
+    """What is wrong with the records of a reply (training: one ArrayRecord "arrays" and one
+    MetricRecord "metrics"; evaluation: the MetricRecord), or None."""
+    expected = {"arrays": ArrayRecord, "metrics": MetricRecord} if phase == "train" else {"metrics": MetricRecord}
+    found = {name: type(record).__name__ for name, record in content.items()}
+    if set(found) != set(expected) or any(not isinstance(content[n], t) for n, t in expected.items()):
+        wanted = ", ".join(f"{n} ({t.__name__})" for n, t in expected.items())
+        return f"the reply holds {found or 'nothing'}; expected exactly {wanted}"
+    return None
+
+
 class RecordingMixin:
     """Records each round: bytes down and up per client, their metrics, failures, the aggregates.
 
@@ -86,9 +97,13 @@ class RecordingMixin:
         replies = list(replies)
         entry = self.round_log.entry(server_round)
         entry["replies_received"] = time.time()
-        kept = [m for m in self._usable(replies, entry, phase="train") if self._valid(m, entry)]
+        kept = self._same_metric_keys([m for m in self._usable(replies, entry, phase="train") if self._valid(m, entry)], entry)
         started = time.perf_counter()
-        arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
+        try:
+            arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
+        except Exception as exc:  # noqa: BLE001 - replies Flower cannot combine must not end the run
+            entry["failures"].append({"node": "server", "phase": "aggregate", "reason": f"round not aggregated: {exc}"[:300]})
+            arrays, metrics = None, None
         entry["aggregation_seconds"] = time.perf_counter() - started
         del entry["sent"], entry["sent_state"]  # the round's copies of the model are not needed any more
         entry["train"] = dict(metrics) if metrics else {}
@@ -98,7 +113,11 @@ class RecordingMixin:
         server_round += self.round_offset
         entry = self.round_log.entry(server_round)
         kept = self._usable(list(replies), entry, phase="evaluate")
-        metrics = super().aggregate_evaluate(server_round, kept) if kept else None
+        try:
+            metrics = super().aggregate_evaluate(server_round, kept) if kept else None
+        except Exception as exc:  # noqa: BLE001 - as in aggregate_train
+            entry["failures"].append({"node": "server", "phase": "evaluate", "reason": f"metrics not aggregated: {exc}"[:300]})
+            metrics = None
         entry["client_evaluate"] = dict(metrics) if metrics else {}
         return metrics
 
@@ -112,8 +131,9 @@ class RecordingMixin:
             if m.has_error():
                 entry["failures"].append({"node": node, "phase": phase, "reason": short_reason(m.error.reason)})
                 continue
-            if "metrics" not in m.content:
-                entry["failures"].append({"node": node, "phase": phase, "reason": "the reply has no metrics record"})
+            shape = _record_shape_problem(m.content, phase)
+            if shape:
+                entry["failures"].append({"node": node, "phase": phase, "reason": shape})
                 continue
             client = entry["clients"].setdefault(node, {})
             client[f"bytes_up_{phase}"] = message_bytes(m)
@@ -128,6 +148,22 @@ class RecordingMixin:
                 entry["failures"].append({"node": str(node), "phase": phase,
                                           "reason": "no reply before the round timeout (fed.round-timeout)"})
         return kept
+
+    @staticmethod
+    def _same_metric_keys(replies: list[Message], entry: dict) -> list[Message]:
+        """Flower aggregates metrics only when every reply has the same keys: keep the replies with
+        the keys most sites sent, reject the others (one site's odd metrics must not stop a round)."""
+        if not replies:
+            return replies
+        keys = [frozenset(m.content["metrics"].keys()) for m in replies]
+        common = max(set(keys), key=keys.count)
+        for m, k in zip(replies, keys):
+            if k != common:
+                node = str(m.metadata.src_node_id)
+                reason = f"metric keys differ from the other sites': {', '.join(sorted(k ^ common))[:200]}"
+                entry.setdefault("rejected", []).append({"node": node, "reason": reason})
+                entry["clients"][node]["rejected"] = reason
+        return [m for m, k in zip(replies, keys) if k == common]
 
     def _valid(self, reply: Message, entry: dict) -> bool:
         """Whether the reply's update may be aggregated; a rejected one is recorded with its reason."""

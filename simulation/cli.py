@@ -75,7 +75,7 @@ def resume_simulation(run_dir: Path, *, cpus_per_site: float = 1.0, faults=None)
     if not stored.fed.partitions_dir or not Path(stored.fed.partitions_dir).is_dir():
         raise ConfigError(f"--resume {run_dir}: its partitions ({stored.fed.partitions_dir or 'none'}) are gone; "
                           "start a new run")
-    flat = {**stored.to_flat(), "fed.resume": True}
+    flat = {**stored.to_flat(), "fed.resume": True, "fed.out-dir": str(run_dir.resolve())}  # this folder is the run
     num_sites = len(read_manifest(Path(stored.fed.partitions_dir)))
     simulate(RunConfig.from_flat(flat), num_sites=num_sites, cpus_per_site=cpus_per_site, faults=faults)
     return 0

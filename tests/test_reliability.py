@@ -326,3 +326,37 @@ def test_bad_reliability_arguments_are_one_line(argv, fragment, tmp_path: Path, 
     assert main(["simulate", *(a.replace("{tmp}", str(tmp_path)) for a in argv)]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_replies_flower_could_not_combine_are_rejected_not_fatal() -> None:
+    from flwr.app import ConfigRecord
+
+    log = RoundLog()
+    strategy = build_strategy(FedConfig(strategy="fedmedian"), log)
+    send_round(strategy, 1, SENT, nodes=[1, 2, 3, 4, 5])
+    odd = _reply(2, SENT)
+    odd.content["metrics"]["surprise"] = 1.0  # Flower aggregates metrics only with the same keys everywhere
+    two_arrays = _reply(3, SENT)
+    two_arrays.content["more"] = ArrayRecord({"a": Array(np.zeros(3, np.float32))})
+    wrong_type = _reply(4, SENT)
+    wrong_type.content["metrics"] = ConfigRecord({"num-examples": 10})
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, SENT), odd, two_arrays, wrong_type, _reply(5, SENT)])
+    assert arrays is not None and all(np.array_equal(arrays[k].numpy(), SENT[k]) for k in SENT)
+    entry = log.rounds[1]
+    assert [r["node"] for r in entry["rejected"]] == ["2"] and "surprise" in entry["rejected"][0]["reason"]
+    assert sorted(f["node"] for f in entry["failures"]) == ["3", "4"]
+    assert all("expected exactly arrays (ArrayRecord), metrics (MetricRecord)" in f["reason"] for f in entry["failures"])
+
+
+def test_a_ledger_from_before_the_digest_chain_still_audits(tmp_path: Path) -> None:
+    _run_with_rounds(tmp_path, 2)
+    ledger = tmp_path / LEDGER_FILE
+    old = []
+    for line in ledger.read_text().splitlines():
+        record = json.loads(line)
+        record.pop("digest" if record["kind"] == "round" else "unreported_steps")
+        old.append(json.dumps(record))
+    ledger.write_text("\n".join(old) + "\n")
+    # read as before (the made-up ε of this ledger is a mismatch, nothing else: no gap, no tampering)
+    assert {f.kind for f in audit_ledger(ledger).findings} == {"mismatch"}
+    assert find_resume_point(RunDirectory(tmp_path), dp=True).completed == 2
