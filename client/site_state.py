@@ -15,10 +15,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from hiermodel.durable_files import atomic_write_text
 from hiermodel.errors import DataError
 
 STATE_DIR_ENV = "HIERFED_SITE_STATE"
@@ -69,17 +69,7 @@ class SiteState:
     def save(self, state: dict) -> None:
         """Replace the file atomically and durably: a crash leaves the old state or the new one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"sha256": _digest(state), "state": state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself must survive a crash
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        atomic_write_text(self.path, json.dumps({"sha256": _digest(state), "state": state}))
 
 
 def _digest(state: dict) -> str:

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hiermodel.backbone import FrozenBackbone
+from hiermodel.durable_files import atomic_write_text
 from hiermodel.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class EncodingCache:
             for f in files.values():
                 f.close()
         all_keys = [*sorted(self.keys, key=self.keys.get), *keys]
-        _atomic_write(self.folder / "keys.txt", _keys_text(all_keys).decode("utf-8"))
+        atomic_write_text(self.folder / "keys.txt", _keys_text(all_keys).decode("utf-8"))
         segments = self._segments() + [{"rows": len(keys), "sha256": {n: h.hexdigest() for n, h in digests.items()}}]
         meta = {
             "fingerprint": self.backbone.fingerprint,
@@ -191,7 +192,7 @@ class EncodingCache:
             "keys_sha256": _sha256(_keys_text(all_keys)),
             "segments": segments,
         }
-        _atomic_write(self.folder / "meta.json", json.dumps(meta, indent=2))
+        atomic_write_text(self.folder / "meta.json", json.dumps(meta, indent=2))
         self.keys.update({k: self.rows + i for i, k in enumerate(keys)})
         self.rows = len(all_keys)
 
@@ -222,15 +223,6 @@ def _keys_text(keys: list[str]) -> bytes:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from hiermodel.baselines import build_baseline
 from hiermodel.data.dataset import Dataset
 from hiermodel.data_config import DataConfig
+from hiermodel.durable_files import atomic_write_text
 from hiermodel.errors import ConfigError
 from hiermodel.evaluation import evaluate_ranker
 from hiermodel.features import FeatureBuilder
@@ -27,12 +27,7 @@ DATA_FILE = "data.json"
 
 def write_json(path: Path, payload: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:  # temporary file, fsync, rename: old content or new, never half
-        f.write(json.dumps(payload, indent=2, default=_jsonable))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=_jsonable))
 
 
 def _jsonable(value: object) -> object:

@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from hiermodel.durable_files import atomic_write_text, sync_folder
 from hiermodel.errors import DataError
 
 LEDGER_FILE = "ledger.jsonl"
@@ -232,24 +233,3 @@ def keep_completed_rounds(path: Path, last_round: int) -> Path | None:
     atomic_write_text(side, "".join(line + "\n" for line in dropped))
     atomic_write_text(path, "".join(line + "\n" for line in lines[:keep]))
     return side
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old or the new content: temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    """Make a new or renamed file's name durable (where the platform allows it)."""
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -19,7 +19,7 @@ import numpy as np
 
 from hiermodel.errors import DataError
 from server.ledger import LEDGER_FILE, completed_rounds, keep_completed_rounds
-from server.run_directory import RunDirectory
+from server.run_directory import RESULTS_FILE, RunDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def find_resume_point(run_dir: RunDirectory, *, dp: bool) -> ResumePoint:
         if side is not None:
             point.set_aside.append(f"ledger lines after round {point.completed} -> {side.name}")
     if len(point.rows) < len(rows):
-        copy = run_dir.folder / f"results.json.after-round-{point.completed}.{int(time.time())}"
-        shutil.copy2(run_dir.folder / "results.json", copy)
+        copy = run_dir.folder / f"{RESULTS_FILE}.after-round-{point.completed}.{int(time.time())}"
+        shutil.copy2(run_dir.folder / RESULTS_FILE, copy)
         point.set_aside.append(f"results rows of rounds {[r['round'] for r in rows if r['round'] > point.completed]} "
                                f"(the file as it was -> {copy.name})")
     return point

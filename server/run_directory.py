@@ -14,12 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hiermodel.durable_files import sync_folder
 from hiermodel.errors import DataError
 from hiermodel.jobs import DATA_FILE, MODEL_DIR, write_json
 from hiermodel.model import CONFIG_FILE, HierModel
 from hiermodel.plots import plot_series
 from hiermodel.run_config import RunConfig
-from server.ledger import sync_folder
 
 CONFIG_FILE_NAME = "run_config.json"
 RESULTS_FILE = "results.json"

@@ -15,7 +15,6 @@ from hiermodel.run_config import FedConfig
 from server.update_validation import update_problem
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "bulyan")
-ROBUST = ("fedtrimmedavg", "fedmedian", "krum", "bulyan")  # aggregation that a poisoned minority cannot steer
 
 
 def message_bytes(msg: Message) -> int:
@@ -159,22 +158,24 @@ class RecordingMixin:
         common = max(set(keys), key=keys.count)
         for m, k in zip(replies, keys):
             if k != common:
-                node = str(m.metadata.src_node_id)
-                reason = f"metric keys differ from the other sites': {', '.join(sorted(k ^ common))[:200]}"
-                entry.setdefault("rejected", []).append({"node": node, "reason": reason})
-                entry["clients"][node]["rejected"] = reason
+                _reject(entry, m, f"metric keys differ from the other sites': {', '.join(sorted(k ^ common))[:200]}")
         return [m for m, k in zip(replies, keys) if k == common]
 
     def _valid(self, reply: Message, entry: dict) -> bool:
         """Whether the reply's update may be aggregated; a rejected one is recorded with its reason."""
-        received = {k: a.numpy() for k, a in reply.content["arrays"].items()} if "arrays" in reply.content else {}
+        received = {k: a.numpy() for k, a in reply.content["arrays"].items()}  # its shape was checked in _usable
         problem = update_problem(entry["sent_state"], received, reply.content["metrics"],
                                  max_update_norm=self.max_update_norm)
         if problem:
-            node = str(reply.metadata.src_node_id)
-            entry.setdefault("rejected", []).append({"node": node, "reason": problem})
-            entry["clients"][node]["rejected"] = problem
+            _reject(entry, reply, problem)
         return problem is None
+
+
+def _reject(entry: dict, reply: Message, reason: str) -> None:
+    """Record that a reply's update is left out of the aggregate, and why."""
+    node = str(reply.metadata.src_node_id)
+    entry.setdefault("rejected", []).append({"node": node, "reason": reason})
+    entry["clients"][node]["rejected"] = reason
 
 
 SITE_ONLY_METRICS = ("site-index",)
