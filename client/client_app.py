@@ -76,12 +76,16 @@ def _personal_lambda(context: Context, enabled: bool) -> np.ndarray | None:
     return None
 
 
+def _saved_plan(context: Context) -> PrivacyPlan | None:
+    return PrivacyPlan.from_json(str(context.state[PRIVACY]["plan"])) if PRIVACY in context.state else None
+
+
 def _privacy_plan(context: Context, site, config: RunConfig) -> PrivacyPlan | None:
     """The site's DP mechanism and accountant history, kept in context.state (and on disk) for the whole run."""
     if not config.dp.enabled:
         return None
     if PRIVACY in context.state:
-        return PrivacyPlan.from_json(str(context.state[PRIVACY]["plan"]))
+        return _saved_plan(context)
     dp = config.dp
     if "budget-epsilon" in context.node_config:  # a deployed site's own budget wins over the run's
         dp = dataclasses.replace(dp, target_epsilon=float(context.node_config["budget-epsilon"]))
@@ -136,5 +140,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         _arrays(msg),
         split=config.fed.evaluate_split,
         personal_lambda=_personal_lambda(context, config.fed.personal_lambda),
+        privacy=_saved_plan(context) if config.dp.enabled else None,  # its popularity release, if any
     )
     return Message(RecordDict({"metrics": _metrics({**metrics, "site-index": index})}), reply_to=msg)

@@ -30,7 +30,8 @@ def site_data_path(node_config: dict, config: RunConfig) -> tuple[str, int]:
 def site_trainer(node_config: dict, config: RunConfig) -> tuple[SiteTrainer, int]:
     """The site's trainer, built on first use in this process and reused in later rounds."""
     path, index = site_data_path(node_config, config)
-    key = (path, json.dumps(dataclasses.asdict(config.model), sort_keys=True))
+    key = (path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), config.dp.enabled)
     if key not in _SITES:
-        _SITES[key] = SiteTrainer(dataclasses.replace(config.data, dataset=path).load(), config.model)
+        _SITES[key] = SiteTrainer(dataclasses.replace(config.data, dataset=path).load(), config.model,
+                                  private=config.dp.enabled)
     return _SITES[key], index

@@ -277,7 +277,7 @@ def audit_site(
     started = time.perf_counter()
     design = make_canaries(dataset, canaries, backbone=config.model.backbone)
     included = draw_coins(canaries, coin_seed)
-    trainer = SiteTrainer(design.training_data(included), config.model)
+    trainer = SiteTrainer(design.training_data(included), config.model, private=config.dp.enabled)
     log(f"site {site or dataset.name}: {len(dataset.users)} users + {canaries} canaries (each IN by a secret coin), "
         f"{design.dataset.num_items} items, {config.fed.rounds} rounds × {config.fed.local_epochs} local epochs")
     plan = (trainer.privacy_plan(config.dp, batch_size=config.train.batch_size, local_epochs=config.fed.local_epochs,
@@ -291,11 +291,15 @@ def audit_site(
         state = result.state  # the next round starts from the site's own update
         log(f"round {server_round}/{config.fed.rounds}: loss {result.metrics['loss']:.4f}"
             + (f", ε {plan.epsilon():.3f} of {plan.budget_epsilon:g}" if plan is not None else ""))
-    # score on the data with every canary, whatever its coin; popularity from the site's own users
-    # only, so that no feature counts the included canaries (under DP popularity is off anyway)
-    popularity = np.concatenate([train_popularity(dataset), np.zeros(design.dataset.num_items - dataset.num_items)])
+    # score on the data with every canary, whatever its coin. Popularity: under DP the site's release
+    # (the mechanism's own output, which the IN canaries took part in); else the site's own users
+    # only, so that no feature counts the included canaries
+    if plan is not None and plan.released_popularity is not None:
+        popularity = np.asarray(plan.released_popularity)
+    else:
+        popularity = np.concatenate([train_popularity(dataset), np.zeros(design.dataset.num_items - dataset.num_items)])
     scorer = FeatureBuilder(dataset=design.dataset, encodings=trainer.builder.encodings, config=trainer.config,
-                            popularity=popularity)
+                            popularity=popularity, recent_popularity=plan is None)
     model.load_trainable_state(state)
     scores = canary_scores(model, scorer, design)
     delta = plan.delta if plan is not None else (config.dp.target_delta or 1.0 / (10 * len(trainer.targets)))

@@ -70,19 +70,27 @@ class FeatureBuilder:
         encodings: ItemEncodings,
         config: HierModelConfig,
         popularity: np.ndarray | None = None,
+        recent_popularity: bool = True,
         decay: float = 0.9,
     ) -> None:
+        """``popularity``: per-item counts (default: the dataset's training baskets); a private site
+        passes its DP release and recent_popularity=False (the windowed counts have no DP release)."""
         if encodings.num_items != dataset.num_items:
             raise ValueError(f"encodings cover {encodings.num_items} items, the dataset has {dataset.num_items}")
         self.dataset = dataset
         self.encodings = encodings
         self.config = config
         self.decay = decay
-        counts = train_popularity(dataset) if popularity is None else np.asarray(popularity, dtype=np.float64)
-        self.popularity = counts
-        self.log_popularity = (np.log1p(counts) / max(np.log1p(counts.max()), 1e-9)).astype(np.float32)
+        self.set_popularity(train_popularity(dataset) if popularity is None else popularity)
         self.topics = self._topic_index(config.topic_label)
-        self._recent = RecentPopularity(dataset, window_days=RECENT_DAYS)
+        self._recent = RecentPopularity(dataset, window_days=RECENT_DAYS) if recent_popularity else None
+
+    def set_popularity(self, counts: np.ndarray) -> None:
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.dataset.num_items,):
+            raise ValueError(f"popularity has shape {counts.shape}, the dataset has {self.dataset.num_items} items")
+        self.popularity = counts
+        self.log_popularity = (np.log1p(counts) / max(np.log1p(counts.max(initial=0.0)), 1e-9)).astype(np.float32)
 
     def _topic_index(self, label: str | None) -> np.ndarray | None:
         if not label:
@@ -164,7 +172,8 @@ class FeatureBuilder:
             out[hit, :NUM_REPEAT_FEATURES] = repeat_features(stats)[pos[hit]]
         if self.config.use_popularity:
             out[:, NUM_REPEAT_FEATURES] = self.log_popularity[candidates]
-            out[:, NUM_REPEAT_FEATURES + 1] = self._recent.at(self.target_time(example))[candidates]
+            if self._recent is not None:
+                out[:, NUM_REPEAT_FEATURES + 1] = self._recent.at(self.target_time(example))[candidates]
         out[:, NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES :] = user_features(stats, self._mean_basket_size(example))
         return out
 

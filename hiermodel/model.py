@@ -44,7 +44,7 @@ class HierModelConfig:
     scorer_hidden: int = 64
     text_scale: float = 10.0
     use_repeat: bool = True
-    use_popularity: bool = True  # item popularity pools every user of a site: off under user-level DP
+    use_popularity: bool = True  # item popularity pools every user of a site: under user-level DP, its DP release
     level_loss_weight: float = 0.3
     num_topics: int = 0
     topic_label: str | None = None

@@ -34,9 +34,11 @@ def prepare(
     *,
     cache_root: Path | None = None,
     popularity: np.ndarray | None = None,
+    recent_popularity: bool = True,
     progress: bool = True,
 ) -> tuple[HierModelConfig, FeatureBuilder]:
-    """Encode the catalogue (cached) and build the feature builder; returns the completed config too."""
+    """Encode the catalogue (cached) and build the feature builder; returns the completed config too.
+    ``popularity`` and ``recent_popularity`` go to the FeatureBuilder."""
     encodings = encode_catalogue(
         dataset.catalogue.texts,
         backbone=config.backbone,
@@ -45,7 +47,8 @@ def prepare(
         progress=progress,
     )
     config = model_config_for(dataset, config, encodings)
-    builder = FeatureBuilder(dataset=dataset, encodings=encodings, config=config, popularity=popularity)
+    builder = FeatureBuilder(dataset=dataset, encodings=encodings, config=config, popularity=popularity,
+                             recent_popularity=recent_popularity)
     return config, builder
 
 

@@ -6,6 +6,9 @@ a sampled user contributes one target basket, scored against candidates built fr
 own history and public catalogue items only (never other users' baskets: no in-batch negatives),
 so one user's data touches one per-sample gradient,
 which is clipped to the clip norm before Gaussian noise is added.
+
+The popularity features are a second mechanism: a Gaussian release of per-user-bounded counts at
+the site's first round (hiermodel.private_popularity), composed with the steps by the same accountant.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +47,9 @@ class DPConfig:
     accountant: str = "prv"  # prv | rdp (Opacus)
     negatives: str = "catalogue"  # catalogue: every (public) item is a candidate; sampled: own + random items
     random_negatives: int = 300  # sampled: public catalogue items drawn beside each user's own candidates
+    # the popularity release's noise is set so that on its own it would cost this share of the budget
+    # (composed with the steps it costs far less); 0: no popularity features under DP
+    popularity_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -51,6 +58,8 @@ class DPConfig:
             raise ConfigError(f"dp.target-epsilon must be positive, got {self.target_epsilon}")
         if self.max_grad_norm <= 0 or self.noise_multiplier < 0 or not 0 <= self.target_delta < 1:
             raise ConfigError("dp.max-grad-norm must be > 0, dp.noise-multiplier >= 0, 0 <= dp.target-delta < 1")
+        if not 0 <= self.popularity_share < 1:
+            raise ConfigError(f"dp.popularity-share must be in [0, 1) (0: no popularity features), got {self.popularity_share}")
 
 
 @dataclass
@@ -66,6 +75,12 @@ class PrivacyPlan:
     accountant: str
     users: int
     history: list[list[float]] = field(default_factory=list)  # (σ, q, steps) per trained round
+    release_noise_multiplier: float = 0.0  # σ of the popularity release; 0: the site releases none
+    released_popularity: list[float] | None = None  # the release, once made: made once, used all run
+
+    @property
+    def releases(self) -> int:
+        return int(self.released_popularity is not None)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -78,41 +93,84 @@ class PrivacyPlan:
     def total_steps(self) -> int:
         return int(sum(h[2] for h in self.history))
 
-    def epsilon(self, extra_steps: int = 0) -> float:
-        """ε spent so far (plus ``extra_steps`` more at this plan's σ and q), by one accountant over the run."""
+    def epsilon(self, extra_steps: int = 0, *, releases: int | None = None) -> float:
+        """ε spent so far (plus ``extra_steps`` more at this plan's σ and q, and ``releases``
+        popularity releases in all instead of those made), by one accountant over the run."""
         history: list[list[float]] = []
         for s, q, n in [*self.history, *([[self.noise_multiplier, self.sample_rate, extra_steps]] if extra_steps else [])]:
             if history and history[-1][:2] == [s, q]:
                 history[-1][2] += n  # the same mechanism run on: one entry, as Opacus' own step() keeps it
             else:
                 history.append([s, q, n])
-        if not history:
-            return 0.0
-        accountant = create_accountant(mechanism=self.accountant)
-        accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        return float(accountant.get_epsilon(delta=self.delta))
+        releases = self.releases if releases is None else releases
+        if releases:
+            history.append([self.release_noise_multiplier, 1.0, releases])
+        return composed_epsilon(history, delta=self.delta, accountant=self.accountant)
 
     def record(self, steps: int) -> None:
         if steps:
             self.history.append([self.noise_multiplier, self.sample_rate, steps])
 
 
-def plan_privacy(dp: DPConfig, *, num_users: int, batch_size: int, local_epochs: int, planned_rounds: int) -> PrivacyPlan:
+def composed_epsilon(history: list[list[float]], *, delta: float, accountant: str) -> float:
+    """ε at δ of Gaussian mechanisms (σ, q, steps) composed by one Opacus accountant."""
+    if not history:
+        return 0.0
+    composer = create_accountant(mechanism=accountant)
+    composer.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # PRV takes log(1 - q), -inf at q = 1: handled
+        return float(composer.get_epsilon(delta=delta))
+
+
+def _calibrate(epsilon_at, target: float) -> float:
+    """The smallest σ (to 0.5 %) whose ε is at most ``target``; ``epsilon_at`` falls as σ grows."""
+    low, high = 0.05, 1.0
+    while epsilon_at(high) > target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ConfigError(f"no noise multiplier up to 1e4 keeps ε within {target:g}; raise the budget or δ")
+    while high / low > 1.005:
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if epsilon_at(middle) > target else (low, middle)
+    return high
+
+
+def release_noise(dp: DPConfig, *, delta: float) -> float:
+    """σ of the popularity release: on its own it costs dp.popularity-share of the budget (0: none)."""
+    if not dp.popularity_share:
+        return 0.0
+    share = dp.popularity_share * dp.target_epsilon
+    return _calibrate(lambda s: composed_epsilon([[s, 1.0, 1]], delta=delta, accountant=dp.accountant), share)
+
+
+def plan_privacy(
+    dp: DPConfig, *, num_users: int, batch_size: int, local_epochs: int, planned_rounds: int, release: bool = False
+) -> PrivacyPlan:
     """Sample rate from the batch size, δ from the site's size, σ calibrated to spend the budget
-    over the planned rounds (or as given)."""
+    over the planned rounds (or as given); with ``release``, the popularity release's σ too, and
+    the steps' σ calibrated to spend what the release leaves of the budget."""
     if num_users < 1:
         raise ConfigError("a private site needs at least one user with a training basket")
     q = min(1.0, batch_size / num_users)
     steps_per_round = max(1, local_epochs * math.ceil(1 / q))
+    steps = planned_rounds * steps_per_round
     delta = dp.target_delta or 1.0 / (10 * num_users)
-    sigma = dp.noise_multiplier or get_noise_multiplier(
-        target_epsilon=dp.target_epsilon,
-        target_delta=delta,
-        sample_rate=q,
-        steps=planned_rounds * steps_per_round,
-        accountant=dp.accountant,
-        epsilon_tolerance=0.005,
-    )
+    release_sigma = release_noise(dp, delta=delta) if release else 0.0
+    if dp.noise_multiplier:
+        sigma = dp.noise_multiplier
+    elif release_sigma:
+        sigma = _calibrate(lambda s: composed_epsilon([[s, q, steps], [release_sigma, 1.0, 1]], delta=delta,
+                                                      accountant=dp.accountant), dp.target_epsilon)
+    else:
+        sigma = get_noise_multiplier(
+            target_epsilon=dp.target_epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=dp.accountant,
+            epsilon_tolerance=0.005,
+        )
     return PrivacyPlan(
         noise_multiplier=float(sigma),
         sample_rate=q,
@@ -122,6 +180,7 @@ def plan_privacy(dp: DPConfig, *, num_users: int, batch_size: int, local_epochs:
         clip_norm=dp.max_grad_norm,
         accountant=dp.accountant,
         users=num_users,
+        release_noise_multiplier=release_sigma,
     )
 
 

@@ -105,6 +105,7 @@ LIMITS: dict[str, tuple] = {
     "fed.trim-beta": ((lambda v: 0 <= v < 0.5), "in [0, 0.5)"),
     "dp.random-negatives": _at_least(0),
     "dp.negatives": _one_of("catalogue", "sampled"),
+    "dp.popularity-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: no popularity features under DP)"),
 }
 
 
@@ -226,8 +227,8 @@ class RunConfig:
                 raise ConfigError(f"unknown run config key {quoted(key)}; groups: {', '.join(g + '.*' for g in cls.GROUPS)}")
         dp = apply_group(DPConfig(), "dp", flat)
         model = apply_group(HierModelConfig(), "model", flat)
-        if dp.enabled and model.use_popularity:
-            # popularity counts every user of a site: a per-user DP bound cannot cover it
+        if dp.enabled and model.use_popularity and not dp.popularity_share:
+            # plain popularity counts every user of a site: under DP only its DP release may be used
             model = dataclasses.replace(model, use_popularity=False)
         return cls(
             data=apply_group(DataConfig(), "data", flat),

@@ -17,6 +17,7 @@ from hiermodel.data.split import train_targets_by_user
 from hiermodel.evaluation import evaluate_ranker
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import prepare
+from hiermodel.private_popularity import release_popularity
 from hiermodel.privacy import ACCOUNTANT_CODES, DPConfig, PrivacyPlan, plan_privacy, private_round
 from hiermodel.ranker import HierRanker
 from hiermodel.training import TrainConfig, lambda_metrics, make_optimizer, sample_targets, train_epoch
@@ -37,6 +38,8 @@ def privacy_metrics(plan: PrivacyPlan, *, steps: int) -> dict[str, float]:
         "dp-budget": plan.budget_epsilon,
         "dp-accountant": ACCOUNTANT_CODES[plan.accountant],
         "dp-users": plan.users,
+        "dp-release-noise-multiplier": plan.release_noise_multiplier,
+        "dp-releases": plan.releases,  # popularity releases so far (the run's one, once made)
     }
 
 
@@ -49,11 +52,21 @@ class LocalResult:
 class SiteTrainer:
     """A site's data, feature builder and model, kept for the whole run (built once per process)."""
 
-    def __init__(self, dataset: Dataset, model_config: HierModelConfig) -> None:
+    def __init__(self, dataset: Dataset, model_config: HierModelConfig, *, private: bool = False) -> None:
+        """A private site never computes plain popularity: its features hold zeros until the
+        privacy plan's DP release (use_release), and no windowed popularity at all."""
         self.dataset = dataset
-        self.config, self.builder = prepare(dataset, model_config, progress=False)
+        self.private = private
+        self.config, self.builder = prepare(dataset, model_config, progress=False,
+                                            **({"popularity": np.zeros(dataset.num_items), "recent_popularity": False}
+                                               if private else {}))
         self.model = HierModel(self.config)
         self.targets = train_targets_by_user(dataset)
+
+    def use_release(self, plan: PrivacyPlan | None) -> None:
+        """Feed the plan's popularity release (if it made one) to the features."""
+        if plan is not None and plan.released_popularity is not None:
+            self.builder.set_popularity(np.asarray(plan.released_popularity))
 
     def train(
         self,
@@ -74,6 +87,9 @@ class SiteTrainer:
         received state unchanged and num-examples 0, so the average leaves it out.
         """
         started = time.perf_counter()
+        if privacy is not None and not self.private:  # its features would hold plain popularity
+            raise ValueError("a private round needs a site built with SiteTrainer(..., private=True)")
+        self.use_release(privacy)
         self.model.load_trainable_state(state)
         if personal_lambda is not None:
             self._set_lambda(personal_lambda)
@@ -114,8 +130,10 @@ class SiteTrainer:
         }
         return LocalResult(self.model.trainable_state(), metrics)
 
-    def evaluate(self, state: dict[str, np.ndarray], *, split: str, personal_lambda: np.ndarray | None = None) -> dict[str, float]:
+    def evaluate(self, state: dict[str, np.ndarray], *, split: str, personal_lambda: np.ndarray | None = None,
+                 privacy: PrivacyPlan | None = None) -> dict[str, float]:
         """Full-catalogue metrics of ``state`` on this site's own users (validation or test)."""
+        self.use_release(privacy)
         self.model.load_trainable_state(state)
         if personal_lambda is not None:
             self._set_lambda(personal_lambda)
@@ -145,8 +163,14 @@ class SiteTrainer:
         """The site's DP mechanism; None for a site with no user to train on (it has nothing to protect or send)."""
         if not self.targets:
             return None
-        return plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
-                            planned_rounds=planned_rounds)
+        release = self.config.use_popularity and dp.popularity_share > 0
+        plan = plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
+                            planned_rounds=planned_rounds, release=release)
+        # made now, once for the run (the plan's ε from here on includes it); not by a site whose
+        # budget cannot pay for it and a first round, as it would spend ε and then decline
+        if release and plan.epsilon(plan.steps_per_round, releases=1) <= plan.budget_epsilon:
+            plan.released_popularity = release_popularity(self.dataset, plan.release_noise_multiplier).tolist()
+        return plan
 
     def current_lambda(self) -> np.ndarray:
         return self.model.trainable_state()[LAMBDA_KEY]

@@ -36,13 +36,15 @@ PARALLEL_SITES = 16  # from this many sites the recomputation is spread over pro
 # which dp_accounting accountant compares like with like for the accountant a site used
 _COUNTERPART = {"prv": "pld", "rdp": "rdp"}
 
-Round = tuple[float, float, int, float]  # one record's mechanism: (sample rate q, noise multiplier σ, steps, δ)
+# one record's mechanisms: (sample rate q, noise multiplier σ, steps, δ), optionally followed by
+# (σ of the popularity release, releases first recorded in this record)
+Round = tuple[float, ...]
 
 
 # -- independent accounting ---------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)  # a site's rounds come one after another; bounded, as PLDs are large
-def _round_pld(q: float, sigma: float, steps: int, interval: float):
+def _round_pld(q: float, sigma: float, steps: int, interval: float):  # q = 1: the popularity release
     """The PLD of one round: what PLDAccountant composes for
     SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps), built directly so
     that it is cached (sites keep q, σ and steps from round to round)."""
@@ -67,6 +69,9 @@ class _PldComposer:
     def add(self, q: float, sigma: float, steps: int) -> None:
         this_round = _round_pld(q, sigma, steps, self.interval)
         self.pld = this_round if self.pld is None else self.pld.compose(this_round)
+
+    def add_release(self, sigma: float, count: int) -> None:
+        self.add(1.0, sigma, count)  # a Gaussian mechanism on every user at once: q = 1
 
     def epsilon(self, delta: float) -> float:
         return self.pld.get_epsilon_for_delta(delta)
@@ -94,6 +99,9 @@ class _RdpComposer:
         self.orders, rdp = _step_rdp(q, sigma)
         self.rdp = self.rdp + steps * rdp
 
+    def add_release(self, sigma: float, count: int) -> None:
+        self.add(1.0, sigma, count)
+
     def epsilon(self, delta: float) -> float:
         from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
@@ -117,20 +125,25 @@ _COMPOSERS = {"pld": _PldComposer, "rdp": _RdpComposer}
 
 
 def epsilon_series(rounds: Sequence[Round], *, accountant: str = "pld", interval: float | None = None) -> list[float]:
-    """ε after each of one site's rounds (q, σ, steps, δ; 0 steps for a declined round), composed
-    round by round by dp_accounting's PLD (discretised at ``interval``, default PLD_INTERVAL) or RDP."""
+    """ε after each of one site's rounds (q, σ, steps, δ[, release σ, new releases]; 0 steps for a
+    declined round), composed round by round by dp_accounting's PLD (discretised at ``interval``,
+    default PLD_INTERVAL) or RDP."""
     composer = _COMPOSERS[accountant](interval or PLD_INTERVAL)
     series: list[float] = []
     composed = infinite = False
-    for i, (q, sigma, steps, delta) in enumerate(rounds):
-        if steps > 0 and sigma == 0:
+    for i, (q, sigma, steps, delta, *release) in enumerate(rounds):
+        release_sigma, releases = release if release else (0.0, 0)
+        if (steps > 0 and sigma == 0) or (releases > 0 and release_sigma == 0):
             infinite = True  # no noise: not private at all
-        elif steps > 0:
-            composer.add(float(q), float(sigma), int(steps))
-            composed = True
+        else:
+            if releases > 0:
+                composer.add_release(float(release_sigma), int(releases))
+            if steps > 0:
+                composer.add(float(q), float(sigma), int(steps))
+            composed = composed or steps > 0 or releases > 0
         if infinite or not composed:
             series.append(math.inf if infinite else 0.0)
-        elif steps > 0 or delta != rounds[i - 1][3]:
+        elif steps > 0 or releases > 0 or delta != rounds[i - 1][3]:
             series.append(float(composer.epsilon(delta)))
         else:
             series.append(series[-1])  # a declined round spends nothing
@@ -195,6 +208,7 @@ class SiteRow:
     budget: float
     remaining: float
     ok: bool
+    release_sigma: float = 0.0  # σ of the site's popularity release (0: it made none)
 
 
 @dataclasses.dataclass
@@ -258,6 +272,12 @@ class _Audit:
         for key in ("delta", "budget_epsilon"):
             if previous and record[key] != previous[key]:
                 self.flag_record("inconsistent", record, f"{key} changed from {previous[key]:g} to {record[key]:g}")
+        if previous and record["releases"] < previous["releases"]:
+            self.flag_record("gap", record, f"releases fell from {previous['releases']} to {record['releases']}: "
+                             "a popularity release is missing from the ledger")
+        if previous and previous["releases"] and record["release_noise_multiplier"] != previous["release_noise_multiplier"]:
+            self.flag_record("inconsistent", record, "the popularity release's σ changed from "
+                             f"{previous['release_noise_multiplier']:g} to {record['release_noise_multiplier']:g}")
 
     def _mismatch_message(self, record: dict, recomputed: float) -> str:
         reported = record["epsilon"]
@@ -304,14 +324,24 @@ class _Audit:
             self._unclosed(server_round)
         names = sorted(self.sites)
         # unreported steps were spent at the site's (fixed) mechanism too: they are composed like the others
-        rounds = [[(r["sample_rate"], r["noise_multiplier"],
-                    (r["steps"] if r["status"] == "trained" else 0) + r["unreported_steps"], r["delta"])
-                   for r in self.sites[name]] for name in names]
+        rounds = [self._mechanisms(self.sites[name]) for name in names]
         for name, recomputed in zip(names, _series_by_site(rounds, accountant=self.accountant, workers=workers)):
             records = self.sites[name]
             self.series[name] = [RoundEpsilon(r["round"], r["status"], r["epsilon"], eps) for r, eps in zip(records, recomputed)]
             self._check_epsilon(records, recomputed)
         self.findings.sort(key=lambda f: (f.round or 0, f.site or ""))
+
+    @staticmethod
+    def _mechanisms(records: list[dict]) -> list[Round]:
+        """Each record's mechanisms: its steps, and the popularity releases it is the first to report."""
+        rounds, released = [], 0
+        for r in records:
+            new_releases = max(0, r["releases"] - released)
+            released = max(released, r["releases"])
+            rounds.append((r["sample_rate"], r["noise_multiplier"],
+                           (r["steps"] if r["status"] == "trained" else 0) + r["unreported_steps"], r["delta"],
+                           r["release_noise_multiplier"], new_releases))
+        return rounds
 
     def _check_epsilon(self, records: list[dict], recomputed: list[float]) -> None:
         mismatches = []
@@ -344,6 +374,7 @@ class _Audit:
                 total_steps=last["total_steps"], unreported_steps=sum(r["unreported_steps"] for r in records), sigma=(min(sigmas), max(sigmas)), sample_rate=(min(rates), max(rates)),
                 epsilon_reported=point.reported, epsilon_recomputed=point.recomputed, budget=last["budget_epsilon"],
                 remaining=last["budget_epsilon"] - point.recomputed, ok=name not in flagged,
+                release_sigma=last["release_noise_multiplier"] if last["releases"] else 0.0,
             ))
         return rows
 
@@ -389,6 +420,7 @@ _COLUMNS: list[tuple[str, Callable[[SiteRow], str]]] = [
     ("unreported", lambda r: str(r.unreported_steps)),
     ("σ", lambda r: _span(r.sigma)),
     ("q", lambda r: _span(r.sample_rate)),
+    ("release σ", lambda r: f"{r.release_sigma:.4g}" if r.release_sigma else "–"),
     ("ε reported", lambda r: f"{r.epsilon_reported:.4f}"),
     ("ε recomputed", lambda r: f"{r.epsilon_recomputed:.4f}"),
     ("budget", lambda r: f"{r.budget:g}"),

@@ -15,6 +15,8 @@ from hiermodel.evaluation import evaluate_ranker
 from hiermodel.features import feature_config
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import new_model, prepare
+from hiermodel.private_popularity import release_popularity
+from hiermodel.privacy import release_noise
 from hiermodel.ranker import HierRanker
 from hiermodel.run_config import RunConfig
 
@@ -32,6 +34,18 @@ def server_model_config(config: HierModelConfig) -> HierModelConfig:
     return feature_config(dataclasses.replace(config, backbone_dim=int(width)))
 
 
+def _private_features(dataset, config: RunConfig) -> dict:
+    """Under DP the held-out users stand for one more site: their features get what a site's get,
+    a DP popularity release (or none) and no windowed popularity, never the plain counts."""
+    if not config.dp.enabled:
+        return {}
+    popularity = np.zeros(dataset.num_items)
+    if config.model.use_popularity:
+        delta = config.dp.target_delta or 1.0 / (10 * max(len(dataset.users), 1))
+        popularity = release_popularity(dataset, release_noise(config.dp, delta=delta))
+    return {"popularity": popularity, "recent_popularity": False}
+
+
 class GlobalModel:
     def __init__(self, config: RunConfig) -> None:
         self.run_config = config
@@ -40,7 +54,7 @@ class GlobalModel:
         self._ranker: HierRanker | None = None
         if config.fed.server_eval_data:
             dataset = load_dataset_folder(Path(config.fed.server_eval_data))
-            eval_config, builder = prepare(dataset, config.model, progress=False)
+            eval_config, builder = prepare(dataset, config.model, progress=False, **_private_features(dataset, config))
             if eval_config != self.config:
                 raise ConfigError("the server's evaluation data implies another model shape than the run config")
             self._ranker = HierRanker(self.model, builder)

@@ -34,7 +34,9 @@ SITE_FIELDS = {
     "noise_multiplier": "float", "sample_rate": "float", "steps": "int", "total_steps": "int",
     "clip_norm": "float", "delta": "float", "epsilon": "float", "budget_epsilon": "float", "users": "int",
     "unreported_steps": "int",
+    "release_noise_multiplier": "float", "releases": "int",  # the site's popularity release(s) so far
 }
+RELEASE_FIELDS = ("release_noise_multiplier", "releases")
 ROUND_FIELDS = {"kind": "str", "round": "int", "sites": "list", "digest": "str"}
 GENESIS = "0" * 64  # the digest "before" the first round
 LEGACY_DIGEST = ""  # a round record written before the chain existed: nothing to check
@@ -65,23 +67,26 @@ def _site_values_problem(record: dict) -> str | None:
         return f"status is {record['status']!r}, expected one of {', '.join(STATUSES)}"
     if record["accountant"] not in ACCOUNTANTS:
         return f"accountant is {record['accountant']!r}, expected one of {', '.join(ACCOUNTANTS)}"
-    if record["round"] < 1 or record["seq"] < 1 or record["steps"] < 0 or record["unreported_steps"] < 0:
-        return "round and seq must be >= 1, steps and unreported_steps >= 0"
+    if record["round"] < 1 or record["seq"] < 1 or min(record["steps"], record["unreported_steps"], record["releases"]) < 0:
+        return "round and seq must be >= 1, steps, unreported_steps and releases >= 0"
     if record["total_steps"] < record["steps"] + record["unreported_steps"]:
         return "total_steps must be at least steps + unreported_steps"
     if record["status"] == "declined" and record["steps"] != 0:
         return f"a declined round has 0 steps, this one has {record['steps']}"
     if not (0 < record["sample_rate"] <= 1 and 0 < record["delta"] < 1):
         return "sample_rate must be in (0, 1] and delta in (0, 1)"
-    numbers = ("noise_multiplier", "clip_norm", "epsilon", "budget_epsilon")
+    numbers = ("noise_multiplier", "clip_norm", "epsilon", "budget_epsilon", "release_noise_multiplier")
     if not all(record[n] >= 0 for n in numbers):  # NaN fails this too
         return f"{', '.join(numbers)} must be non-negative numbers"
     return None
 
 
 def canonical(record: dict) -> str:
-    """A site record as the digest sees it: its fields only, keys sorted, no spaces."""
-    return json.dumps({name: record[name] for name in SITE_FIELDS}, sort_keys=True, separators=(",", ":"))
+    """A site record as the digest sees it: its fields only, keys sorted, no spaces. A record
+    without a release leaves the release fields out, as ledgers written before them did."""
+    released = any(record[name] for name in RELEASE_FIELDS)
+    fields = [n for n in SITE_FIELDS if released or n not in RELEASE_FIELDS]
+    return json.dumps({name: record[name] for name in fields}, sort_keys=True, separators=(",", ":"))
 
 
 def round_digest(previous: str, site_records: list[dict]) -> str:
@@ -107,6 +112,8 @@ def _parse(line: str) -> tuple[dict | None, str | None]:
     if isinstance(record, dict):  # a ledger from before these fields: no unreported steps, no chain
         if record.get("kind") == "site-round":
             record.setdefault("unreported_steps", 0)
+            record.setdefault("release_noise_multiplier", 0.0)
+            record.setdefault("releases", 0)
         elif record.get("kind") == "round":
             record.setdefault("digest", LEGACY_DIGEST)
     return record, record_problem(record)
@@ -189,7 +196,8 @@ class PrivacyLedger:
             # what the site counts beyond this round and what the ledger holds: spent, never recorded
             unreported = reported.get("unreported_steps",
                                       max(0, int(reported.get("total_steps", 0)) - steps - totals.get(site, 0)))
-            record = {**reported, "kind": "site-round", "round": server_round, "seq": seq[site],
+            record = {"release_noise_multiplier": 0.0, "releases": 0,  # a site that releases nothing may omit them
+                      **reported, "kind": "site-round", "round": server_round, "seq": seq[site],
                       "unreported_steps": unreported}
             problem = record_problem(record)
             if problem:

@@ -126,6 +126,8 @@ class RunResults:
                     "epsilon": float(m["dp-epsilon"]),
                     "budget_epsilon": float(m["dp-budget"]),
                     "users": int(m["dp-users"]),
+                    "release_noise_multiplier": float(m.get("dp-release-noise-multiplier", 0.0)),
+                    "releases": int(m.get("dp-releases", 0)),
                 }
                 problem = record_problem({**record, "kind": "site-round", "seq": 1, "unreported_steps": 0})
             except (KeyError, TypeError, ValueError, OverflowError) as exc:

@@ -19,7 +19,7 @@ from tests.helpers import toy_dataset
 def site(tiny_backbone: str, tmp_path_factory, isolated_cache_root=None) -> SiteTrainer:
     config = HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=8, max_history_items=8, max_baskets=3,
                              max_basket_items=4, use_popularity=False)
-    return SiteTrainer(toy_dataset(num_users=30), config)
+    return SiteTrainer(toy_dataset(num_users=30), config, private=True)
 
 
 def _plan(**kw) -> PrivacyPlan:

@@ -1,0 +1,141 @@
+"""The DP popularity release: its sensitivity, its noise, its place in the plan, the site's features,
+the ledger and the audit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hiermodel.data.split import split_examples, train_baskets
+from hiermodel.features import NUM_REPEAT_FEATURES
+from hiermodel.model import HierModelConfig
+from hiermodel.private_popularity import release_popularity, user_contributions
+from hiermodel.privacy import DPConfig, PrivacyPlan, composed_epsilon, plan_privacy, release_noise
+from hiermodel.site_trainer import SiteTrainer
+from hiermodel.training import TrainConfig
+from server.audit import audit_ledger
+from server.ledger import LEDGER_FILE, PrivacyLedger, read_ledger
+from tests.helpers import toy_dataset
+
+
+def test_one_user_moves_the_counts_by_at_most_one_in_l2() -> None:
+    dataset = toy_dataset(num_users=25)
+    everyone = user_contributions(dataset)
+    for u, user in enumerate(dataset.users):
+        without = user_contributions(dataset.subset([i for i in range(len(dataset.users)) if i != u], name="x"))
+        items = {int(i) for b in train_baskets(user) for i in b.items}
+        assert np.linalg.norm(everyone - without) == pytest.approx(1.0 if items else 0.0)
+
+
+def test_the_release_is_noisy_unbiased_before_clipping_and_never_negative() -> None:
+    dataset = toy_dataset(num_users=40, num_items=30)
+    exact = user_contributions(dataset)
+    releases = np.stack([release_popularity(dataset, 0.5) for _ in range(400)])
+    assert (releases >= 0).all() and not np.array_equal(releases[0], releases[1])
+    popular = exact > 2.0  # where clipping at 0 (almost) never bites, the mean is the exact count
+    assert popular.any()
+    np.testing.assert_allclose(releases[:, popular].mean(0), exact[popular], atol=0.12)
+    with pytest.raises(ValueError, match="needs noise"):
+        release_popularity(dataset, 0.0)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_the_plan_spends_the_budget_on_steps_and_release_together(accountant: str) -> None:
+    dp = DPConfig(target_epsilon=4.0, accountant=accountant, popularity_share=0.25)
+    plain = plan_privacy(dp, num_users=500, batch_size=50, local_epochs=1, planned_rounds=5)
+    plan = plan_privacy(dp, num_users=500, batch_size=50, local_epochs=1, planned_rounds=5, release=True)
+    assert plain.release_noise_multiplier == 0 and plan.release_noise_multiplier > 0
+    # on its own the release costs the share; beside the steps it costs the steps a little more noise
+    alone = composed_epsilon([[plan.release_noise_multiplier, 1.0, 1]], delta=plan.delta, accountant=accountant)
+    assert alone == pytest.approx(1.0, rel=0.02)
+    assert plain.noise_multiplier < plan.noise_multiplier < 1.2 * plain.noise_multiplier
+    total = plan.epsilon(5 * plan.steps_per_round, releases=1)
+    assert 0.98 * 4.0 <= total <= 4.0
+    assert plan.epsilon(5 * plan.steps_per_round) < total  # not yet released: not yet spent
+    assert release_noise(DPConfig(popularity_share=0.0), delta=1e-5) == 0.0
+
+
+@pytest.fixture(scope="module")
+def private_site(tiny_backbone: str) -> SiteTrainer:
+    config = HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=8, max_history_items=8, max_baskets=3,
+                             max_basket_items=4)
+    return SiteTrainer(toy_dataset(num_users=30), config, private=True)
+
+
+def test_a_private_site_trains_on_its_release_never_on_plain_popularity(private_site: SiteTrainer, tiny_backbone) -> None:
+    site = private_site
+    assert not site.builder.popularity.any()  # before the release: zeros, not the plain counts
+    plan = site.privacy_plan(DPConfig(target_epsilon=8.0), batch_size=10, local_epochs=1, planned_rounds=2)
+    assert plan.releases == 1 and len(plan.released_popularity) == site.dataset.num_items
+    state = site.model.trainable_state()
+    result = site.train(state, train_config=TrainConfig(batch_size=10), local_epochs=1, server_round=1, privacy=plan)
+    np.testing.assert_array_equal(site.builder.popularity, plan.released_popularity)
+    assert result.metrics["dp-releases"] == 1 and result.metrics["dp-release-noise-multiplier"] > 0
+    assert result.metrics["dp-epsilon"] == pytest.approx(plan.epsilon()) and plan.epsilon() <= 8.0
+    # the features hold the release; the windowed popularity has no release, so its column stays empty
+    examples = split_examples(site.dataset, "train")[:5]
+    _, candidates = site.builder.training_batch(examples, rng=np.random.default_rng(0), negatives="catalogue")
+    assert candidates.features[..., NUM_REPEAT_FEATURES].any()
+    assert not candidates.features[..., NUM_REPEAT_FEATURES + 1].any()
+    # the plan is kept: a new process restores it, with the same release, and makes no other
+    again = PrivacyPlan.from_json(plan.to_json())
+    assert again.released_popularity == plan.released_popularity and again.epsilon() == pytest.approx(plan.epsilon())
+
+    plain = SiteTrainer(site.dataset, HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=8, max_history_items=8,
+                                                      max_baskets=3, max_basket_items=4))
+    with pytest.raises(ValueError, match="private=True"):
+        plain.train(state, train_config=TrainConfig(batch_size=10), local_epochs=1, server_round=1, privacy=plan)
+
+
+def _release_rounds(sigma_release: float = 2.0) -> list[list[dict]]:
+    """Two rounds of one site whose first round also made its popularity release."""
+    plan = PrivacyPlan(noise_multiplier=1.0, sample_rate=0.1, steps_per_round=10, delta=1e-5, budget_epsilon=8.0,
+                       clip_norm=1.0, accountant="prv", users=320, release_noise_multiplier=sigma_release,
+                       released_popularity=[0.0])
+    rounds = []
+    for server_round in (1, 2):
+        plan.record(10)
+        rounds.append([{"site": "west", "status": "trained", "accountant": "prv", "noise_multiplier": 1.0,
+                        "sample_rate": 0.1, "steps": 10, "total_steps": plan.total_steps, "clip_norm": 1.0,
+                        "delta": 1e-5, "epsilon": plan.epsilon(), "budget_epsilon": 8.0, "users": 320,
+                        "release_noise_multiplier": sigma_release, "releases": 1}])
+    return rounds
+
+
+def _write(folder, rounds) -> object:
+    ledger = PrivacyLedger(folder / LEDGER_FILE)
+    for server_round, records in enumerate(rounds, 1):
+        ledger.append_round(server_round, [dict(r) for r in records])
+    return folder / LEDGER_FILE
+
+
+def test_the_audit_composes_the_release_once(tmp_path) -> None:
+    path = _write(tmp_path, _release_rounds())
+    report = audit_ledger(path)
+    assert report.ok, report.findings
+    assert report.sites[0].release_sigma == 2.0
+    # without the release the steps alone cost less: the audit did compose it
+    steps_only = composed_epsilon([[1.0, 0.1, 20]], delta=1e-5, accountant="prv")
+    assert report.sites[0].epsilon_recomputed > steps_only + 0.1
+
+
+@pytest.mark.parametrize("field,value,kind", [("releases", 0, "mismatch"), ("release_noise_multiplier", 9.0, "mismatch")])
+def test_a_hidden_or_weakened_release_is_flagged(tmp_path, field: str, value, kind: str) -> None:
+    rounds = _release_rounds()
+    rounds[0][0][field] = value  # round 1 claims no release, or a noisier one, than it made
+    report = audit_ledger(_write(tmp_path, rounds))
+    assert kind in {f.kind for f in report.findings}
+
+
+def test_a_release_that_disappears_is_a_gap(tmp_path) -> None:
+    rounds = _release_rounds()
+    rounds[1][0]["releases"] = 0
+    report = audit_ledger(_write(tmp_path, rounds))
+    assert any(f.kind == "gap" and "release" in f.message for f in report.findings)
+
+
+def test_records_without_a_release_keep_their_old_digest(tmp_path) -> None:
+    from server.ledger import canonical
+
+    record = read_ledger(_write(tmp_path, [[{**_release_rounds()[0][0], "releases": 0, "release_noise_multiplier": 0.0}]]))[0]
+    assert "release" not in canonical(record)
