@@ -294,12 +294,12 @@ def audit_site(
     # score on the data with every canary, whatever its coin. Popularity: under DP the site's release
     # (the mechanism's own output, which the IN canaries took part in); else the site's own users
     # only, so that no feature counts the included canaries
-    if plan is not None and plan.released_popularity is not None:
-        popularity = np.asarray(plan.released_popularity)
+    if plan is not None:
+        popularity = trainer.builder.popularity
     else:
         popularity = np.concatenate([train_popularity(dataset), np.zeros(design.dataset.num_items - dataset.num_items)])
     scorer = FeatureBuilder(dataset=design.dataset, encodings=trainer.builder.encodings, config=trainer.config,
-                            popularity=popularity, recent_popularity=plan is None)
+                            popularity=popularity)
     model.load_trainable_state(state)
     scores = canary_scores(model, scorer, design)
     delta = plan.delta if plan is not None else (config.dp.target_delta or 1.0 / (10 * len(trainer.targets)))

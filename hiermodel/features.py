@@ -10,6 +10,7 @@ log1p(history baskets)/5, log1p(days since last basket)/6, log1p(distinct items)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -69,28 +70,27 @@ class FeatureBuilder:
         dataset: Dataset,
         encodings: ItemEncodings,
         config: HierModelConfig,
-        popularity: np.ndarray | None = None,
-        recent_popularity: bool = True,
+        popularity: "Popularity | np.ndarray | None" = None,
         decay: float = 0.9,
     ) -> None:
-        """``popularity``: per-item counts (default: the dataset's training baskets); a private site
-        passes its DP release and recent_popularity=False (the windowed counts have no DP release)."""
+        """``popularity``: where the two popularity features come from, by default PlainPopularity
+        of the dataset (an array: PlainPopularity with those counts); a private site passes its DP
+        release (hiermodel.private_popularity), or an empty one before it has made it."""
         if encodings.num_items != dataset.num_items:
             raise ValueError(f"encodings cover {encodings.num_items} items, the dataset has {dataset.num_items}")
         self.dataset = dataset
         self.encodings = encodings
         self.config = config
         self.decay = decay
-        self.set_popularity(train_popularity(dataset) if popularity is None else popularity)
+        if popularity is None or isinstance(popularity, np.ndarray):
+            popularity = PlainPopularity(dataset, popularity)
+        self.set_popularity(popularity)
         self.topics = self._topic_index(config.topic_label)
-        self._recent = RecentPopularity(dataset, window_days=RECENT_DAYS) if recent_popularity else None
 
-    def set_popularity(self, counts: np.ndarray) -> None:
-        counts = np.asarray(counts, dtype=np.float64)
-        if counts.shape != (self.dataset.num_items,):
-            raise ValueError(f"popularity has shape {counts.shape}, the dataset has {self.dataset.num_items} items")
-        self.popularity = counts
-        self.log_popularity = (np.log1p(counts) / max(np.log1p(counts.max(initial=0.0)), 1e-9)).astype(np.float32)
+    def set_popularity(self, popularity: "Popularity") -> None:
+        if popularity.num_items != self.dataset.num_items:
+            raise ValueError(f"popularity covers {popularity.num_items} items, the dataset has {self.dataset.num_items}")
+        self.popularity = popularity
 
     def _topic_index(self, label: str | None) -> np.ndarray | None:
         if not label:
@@ -171,9 +171,9 @@ class FeatureBuilder:
             hit = stats.items[pos] == candidates
             out[hit, :NUM_REPEAT_FEATURES] = repeat_features(stats)[pos[hit]]
         if self.config.use_popularity:
-            out[:, NUM_REPEAT_FEATURES] = self.log_popularity[candidates]
-            if self._recent is not None:
-                out[:, NUM_REPEAT_FEATURES + 1] = self._recent.at(self.target_time(example))[candidates]
+            overall, recent = self.popularity.at(self.target_time(example))
+            out[:, NUM_REPEAT_FEATURES] = overall[candidates]
+            out[:, NUM_REPEAT_FEATURES + 1] = recent[candidates]
         out[:, NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES :] = user_features(stats, self._mean_basket_size(example))
         return out
 
@@ -264,6 +264,33 @@ class FeatureBuilder:
             features=torch.from_numpy(features),
             mask=torch.ones(len(examples), n, dtype=torch.bool),
         )
+
+
+class Popularity(Protocol):
+    """Where the two popularity features of a prediction at a given time come from."""
+
+    num_items: int
+
+    def at(self, timestamp: float) -> tuple[np.ndarray, np.ndarray]:
+        """(overall, recent) per item, each normalised to [0, 1]."""
+        ...
+
+
+class PlainPopularity:
+    """The plain features: log1p(training baskets with the item), and log1p(baskets with it in the
+    RECENT_DAYS before the prediction), each normalised. They count every user: not under DP."""
+
+    def __init__(self, dataset: Dataset, counts: np.ndarray | None = None) -> None:
+        counts = train_popularity(dataset) if counts is None else np.asarray(counts, dtype=np.float64)
+        if counts.shape != (dataset.num_items,):
+            raise ValueError(f"popularity has shape {counts.shape}, the dataset has {dataset.num_items} items")
+        self.num_items = dataset.num_items
+        self.counts = counts
+        self.overall = (np.log1p(counts) / max(np.log1p(counts.max(initial=0.0)), 1e-9)).astype(np.float32)
+        self.recent = RecentPopularity(dataset, window_days=RECENT_DAYS)
+
+    def at(self, timestamp: float) -> tuple[np.ndarray, np.ndarray]:
+        return self.overall, self.recent.at(timestamp)
 
 
 class RecentPopularity:

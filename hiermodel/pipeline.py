@@ -33,12 +33,11 @@ def prepare(
     config: HierModelConfig,
     *,
     cache_root: Path | None = None,
-    popularity: np.ndarray | None = None,
-    recent_popularity: bool = True,
+    popularity=None,
     progress: bool = True,
 ) -> tuple[HierModelConfig, FeatureBuilder]:
     """Encode the catalogue (cached) and build the feature builder; returns the completed config too.
-    ``popularity`` and ``recent_popularity`` go to the FeatureBuilder."""
+    ``popularity`` goes to the FeatureBuilder (None: the plain features of ``dataset``)."""
     encodings = encode_catalogue(
         dataset.catalogue.texts,
         backbone=config.backbone,
@@ -47,8 +46,7 @@ def prepare(
         progress=progress,
     )
     config = model_config_for(dataset, config, encodings)
-    builder = FeatureBuilder(dataset=dataset, encodings=encodings, config=config, popularity=popularity,
-                             recent_popularity=recent_popularity)
+    builder = FeatureBuilder(dataset=dataset, encodings=encodings, config=config, popularity=popularity)
     return config, builder
 
 

@@ -7,8 +7,8 @@ own history and public catalogue items only (never other users' baskets: no in-b
 so one user's data touches one per-sample gradient,
 which is clipped to the clip norm before Gaussian noise is added.
 
-The popularity features are a second mechanism: a Gaussian release of per-user-bounded counts at
-the site's first round (hiermodel.private_popularity), composed with the steps by the same accountant.
+The popularity features are a second mechanism: a Gaussian release of per-user-bounded weekly counts
+at the site's first round (hiermodel.private_popularity), composed with the steps by the same accountant.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ class PrivacyPlan:
     users: int
     history: list[list[float]] = field(default_factory=list)  # (σ, q, steps) per trained round
     release_noise_multiplier: float = 0.0  # σ of the popularity release; 0: the site releases none
-    released_popularity: list[float] | None = None  # the release, once made: made once, used all run
+    popularity_release: dict | None = None  # the release (PopularityRelease.to_json), once made: used all run
 
     @property
     def releases(self) -> int:
-        return int(self.released_popularity is not None)
+        return int(self.popularity_release is not None)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)

@@ -17,7 +17,7 @@ from hiermodel.data.split import train_targets_by_user
 from hiermodel.evaluation import evaluate_ranker
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import prepare
-from hiermodel.private_popularity import release_popularity
+from hiermodel.private_popularity import PopularityRelease, release_popularity
 from hiermodel.privacy import ACCOUNTANT_CODES, DPConfig, PrivacyPlan, plan_privacy, private_round
 from hiermodel.ranker import HierRanker
 from hiermodel.training import TrainConfig, lambda_metrics, make_optimizer, sample_targets, train_epoch
@@ -53,20 +53,19 @@ class SiteTrainer:
     """A site's data, feature builder and model, kept for the whole run (built once per process)."""
 
     def __init__(self, dataset: Dataset, model_config: HierModelConfig, *, private: bool = False) -> None:
-        """A private site never computes plain popularity: its features hold zeros until the
-        privacy plan's DP release (use_release), and no windowed popularity at all."""
+        """A private site never computes plain popularity: its popularity features hold zeros until
+        the privacy plan's DP release (use_release)."""
         self.dataset = dataset
         self.private = private
         self.config, self.builder = prepare(dataset, model_config, progress=False,
-                                            **({"popularity": np.zeros(dataset.num_items), "recent_popularity": False}
-                                               if private else {}))
+                                            popularity=PopularityRelease.empty(dataset.num_items) if private else None)
         self.model = HierModel(self.config)
         self.targets = train_targets_by_user(dataset)
 
     def use_release(self, plan: PrivacyPlan | None) -> None:
         """Feed the plan's popularity release (if it made one) to the features."""
-        if plan is not None and plan.released_popularity is not None:
-            self.builder.set_popularity(np.asarray(plan.released_popularity))
+        if plan is not None and plan.popularity_release is not None:
+            self.builder.set_popularity(PopularityRelease.from_json(plan.popularity_release))
 
     def train(
         self,
@@ -169,7 +168,7 @@ class SiteTrainer:
         # made now, once for the run (the plan's ε from here on includes it); not by a site whose
         # budget cannot pay for it and a first round, as it would spend ε and then decline
         if release and plan.epsilon(plan.steps_per_round, releases=1) <= plan.budget_epsilon:
-            plan.released_popularity = release_popularity(self.dataset, plan.release_noise_multiplier).tolist()
+            plan.popularity_release = release_popularity(self.dataset, plan.release_noise_multiplier).to_json()
         return plan
 
     def current_lambda(self) -> np.ndarray:

@@ -15,7 +15,7 @@ from hiermodel.evaluation import evaluate_ranker
 from hiermodel.features import feature_config
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import new_model, prepare
-from hiermodel.private_popularity import release_popularity
+from hiermodel.private_popularity import PopularityRelease, release_popularity
 from hiermodel.privacy import release_noise
 from hiermodel.ranker import HierRanker
 from hiermodel.run_config import RunConfig
@@ -36,14 +36,13 @@ def server_model_config(config: HierModelConfig) -> HierModelConfig:
 
 def _private_features(dataset, config: RunConfig) -> dict:
     """Under DP the held-out users stand for one more site: their features get what a site's get,
-    a DP popularity release (or none) and no windowed popularity, never the plain counts."""
+    a DP popularity release (or none), never the plain counts."""
     if not config.dp.enabled:
         return {}
-    popularity = np.zeros(dataset.num_items)
-    if config.model.use_popularity:
-        delta = config.dp.target_delta or 1.0 / (10 * max(len(dataset.users), 1))
-        popularity = release_popularity(dataset, release_noise(config.dp, delta=delta))
-    return {"popularity": popularity, "recent_popularity": False}
+    if not config.model.use_popularity:
+        return {"popularity": PopularityRelease.empty(dataset.num_items)}
+    delta = config.dp.target_delta or 1.0 / (10 * max(len(dataset.users), 1))
+    return {"popularity": release_popularity(dataset, release_noise(config.dp, delta=delta))}
 
 
 class GlobalModel:

@@ -9,8 +9,9 @@ from hiermodel.data.dataset import Basket, Catalogue, Dataset, User
 DAY = 86400.0
 
 
-def toy_dataset(*, num_users: int = 40, num_items: int = 30, seed: int = 0, sites: int = 2) -> Dataset:
-    """Users buying from a small catalogue with product-like titles, several baskets each."""
+def toy_dataset(*, num_users: int = 40, num_items: int = 30, seed: int = 0, sites: int = 2, days_apart: float = 1.0) -> Dataset:
+    """Users buying from a small catalogue with product-like titles, several baskets each, one every
+    ``days_apart`` days."""
     rng = np.random.default_rng(seed)
     nouns = ["lantern", "teapot", "candle", "mug", "bag", "box"]
     colours = ["red", "blue", "white", "green", "pink"]
@@ -20,7 +21,7 @@ def toy_dataset(*, num_users: int = 40, num_items: int = 30, seed: int = 0, site
     for u in range(num_users):
         n = int(rng.integers(2, 7))
         baskets = [
-            Basket(float(t * DAY + u), np.unique(rng.choice(num_items, size=int(rng.integers(1, 6)), replace=False)).astype(np.int64))
+            Basket(float(t * days_apart * DAY + u), np.unique(rng.choice(num_items, size=int(rng.integers(1, 6)), replace=False)).astype(np.int64))
             for t in range(n)
         ]
         users.append(User(f"u{u}", f"site-{u % sites}", baskets))

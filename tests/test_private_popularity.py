@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hiermodel.data.split import split_examples, train_baskets
+from hiermodel.data.split import split_examples
 from hiermodel.features import NUM_REPEAT_FEATURES
 from hiermodel.model import HierModelConfig
-from hiermodel.private_popularity import release_popularity, user_contributions
+from hiermodel.private_popularity import (
+    SECONDS_PER_WEEK, WINDOW_WEEKS, PopularityRelease, release_popularity, user_contributions,
+)
 from hiermodel.privacy import DPConfig, PrivacyPlan, composed_epsilon, plan_privacy, release_noise
 from hiermodel.site_trainer import SiteTrainer
 from hiermodel.training import TrainConfig
@@ -20,23 +22,42 @@ from tests.helpers import toy_dataset
 
 def test_one_user_moves_the_counts_by_at_most_one_in_l2() -> None:
     dataset = toy_dataset(num_users=25)
-    everyone = user_contributions(dataset)
-    for u, user in enumerate(dataset.users):
-        without = user_contributions(dataset.subset([i for i in range(len(dataset.users)) if i != u], name="x"))
-        items = {int(i) for b in train_baskets(user) for i in b.items}
-        assert np.linalg.norm(everyone - without) == pytest.approx(1.0 if items else 0.0)
+    start, everyone = user_contributions(dataset)
+    for u in range(len(dataset.users)):
+        _, rest = user_contributions(dataset.subset([i for i in range(len(dataset.users)) if i != u], name="x"),
+                                     start=start)  # weeks counted from the same day: the tables line up
+        rest = np.pad(rest, ((0, len(everyone) - len(rest)), (0, 0)))
+        assert np.linalg.norm(everyone - rest) == pytest.approx(1.0)
 
 
 def test_the_release_is_noisy_unbiased_before_clipping_and_never_negative() -> None:
     dataset = toy_dataset(num_users=40, num_items=30)
-    exact = user_contributions(dataset)
-    releases = np.stack([release_popularity(dataset, 0.5) for _ in range(400)])
+    _, exact = user_contributions(dataset)
+    releases = np.stack([release_popularity(dataset, 0.3).counts for _ in range(300)])
     assert (releases >= 0).all() and not np.array_equal(releases[0], releases[1])
-    popular = exact > 2.0  # where clipping at 0 (almost) never bites, the mean is the exact count
+    popular = exact > 1.0  # where clipping at 0 (almost) never bites, the mean is the exact count
     assert popular.any()
-    np.testing.assert_allclose(releases[:, popular].mean(0), exact[popular], atol=0.12)
+    np.testing.assert_allclose(releases[:, popular].mean(0), exact[popular], atol=0.08)
     with pytest.raises(ValueError, match="needs noise"):
         release_popularity(dataset, 0.0)
+
+
+def test_features_read_only_whole_weeks_before_the_prediction() -> None:
+    week = SECONDS_PER_WEEK
+    counts = np.zeros((10, 3))
+    counts[2, 0] = 5.0  # item 0 in week 2
+    counts[8, 1] = 5.0  # item 1 in week 8
+    release = PopularityRelease(start=0.0, counts=counts)
+    overall, recent = release.at(2.5 * week)  # during week 2: its own week does not count
+    assert not overall.any() and not recent.any()
+    overall, recent = release.at(3.0 * week)
+    assert overall[0] == recent[0] > 0 and overall[1] == 0
+    overall, recent = release.at((3 + WINDOW_WEEKS) * week)  # week 2 has left the window
+    assert overall[0] > 0 and recent[0] == 0
+    overall, recent = release.at(100 * week)  # after the data: everything, the last window
+    assert overall[0] > 0 and overall[1] > 0 and recent[1] > 0 and recent[0] == 0
+    again = PopularityRelease.from_json(release.to_json())
+    np.testing.assert_array_equal(again.at(9 * week)[0], release.at(9 * week)[0])
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -59,27 +80,26 @@ def test_the_plan_spends_the_budget_on_steps_and_release_together(accountant: st
 def private_site(tiny_backbone: str) -> SiteTrainer:
     config = HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=8, max_history_items=8, max_baskets=3,
                              max_basket_items=4)
-    return SiteTrainer(toy_dataset(num_users=30), config, private=True)
+    return SiteTrainer(toy_dataset(num_users=30, days_apart=4.0), config, private=True)  # over several weeks
 
 
 def test_a_private_site_trains_on_its_release_never_on_plain_popularity(private_site: SiteTrainer, tiny_backbone) -> None:
     site = private_site
-    assert not site.builder.popularity.any()  # before the release: zeros, not the plain counts
+    assert isinstance(site.builder.popularity, PopularityRelease) and not site.builder.popularity.counts.any()
     plan = site.privacy_plan(DPConfig(target_epsilon=8.0), batch_size=10, local_epochs=1, planned_rounds=2)
-    assert plan.releases == 1 and len(plan.released_popularity) == site.dataset.num_items
+    assert plan.releases == 1 and len(plan.popularity_release["counts"][0]) == site.dataset.num_items
     state = site.model.trainable_state()
     result = site.train(state, train_config=TrainConfig(batch_size=10), local_epochs=1, server_round=1, privacy=plan)
-    np.testing.assert_array_equal(site.builder.popularity, plan.released_popularity)
+    np.testing.assert_array_equal(site.builder.popularity.counts, plan.popularity_release["counts"])
     assert result.metrics["dp-releases"] == 1 and result.metrics["dp-release-noise-multiplier"] > 0
     assert result.metrics["dp-epsilon"] == pytest.approx(plan.epsilon()) and plan.epsilon() <= 8.0
-    # the features hold the release; the windowed popularity has no release, so its column stays empty
-    examples = split_examples(site.dataset, "train")[:5]
+    # the features read the release
+    examples = split_examples(site.dataset, "train")[-5:]
     _, candidates = site.builder.training_batch(examples, rng=np.random.default_rng(0), negatives="catalogue")
     assert candidates.features[..., NUM_REPEAT_FEATURES].any()
-    assert not candidates.features[..., NUM_REPEAT_FEATURES + 1].any()
     # the plan is kept: a new process restores it, with the same release, and makes no other
     again = PrivacyPlan.from_json(plan.to_json())
-    assert again.released_popularity == plan.released_popularity and again.epsilon() == pytest.approx(plan.epsilon())
+    assert again.popularity_release == plan.popularity_release and again.epsilon() == pytest.approx(plan.epsilon())
 
     plain = SiteTrainer(site.dataset, HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=8, max_history_items=8,
                                                       max_baskets=3, max_basket_items=4))
@@ -91,7 +111,7 @@ def _release_rounds(sigma_release: float = 2.0) -> list[list[dict]]:
     """Two rounds of one site whose first round also made its popularity release."""
     plan = PrivacyPlan(noise_multiplier=1.0, sample_rate=0.1, steps_per_round=10, delta=1e-5, budget_epsilon=8.0,
                        clip_norm=1.0, accountant="prv", users=320, release_noise_multiplier=sigma_release,
-                       released_popularity=[0.0])
+                       popularity_release={"start": 0.0, "counts": [[0.0]]})
     rounds = []
     for server_round in (1, 2):
         plan.record(10)
