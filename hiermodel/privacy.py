@@ -50,6 +50,9 @@ class DPConfig:
     # the popularity release's noise is set so that on its own it would cost this share of the budget
     # (composed with the steps it costs far less); 0: no popularity features under DP
     popularity_share: float = 0.25
+    # target baskets a sampled user contributes to a step, each clipped to max-grad-norm / this, so
+    # that the user's whole contribution stays within max-grad-norm
+    baskets_per_user: int = 1
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -76,6 +79,7 @@ class PrivacyPlan:
     users: int
     history: list[list[float]] = field(default_factory=list)  # (σ, q, steps) per trained round
     release_noise_multiplier: float = 0.0  # σ of the popularity release; 0: the site releases none
+    baskets_per_user: int = 1  # per sampled user and step, each clipped to clip_norm / baskets_per_user
     popularity_release: dict | None = None  # the release (PopularityRelease.to_json), once made: used all run
 
     @property
@@ -181,6 +185,7 @@ def plan_privacy(
         accountant=dp.accountant,
         users=num_users,
         release_noise_multiplier=release_sigma,
+        baskets_per_user=dp.baskets_per_user,
     )
 
 
@@ -202,11 +207,14 @@ def private_round(
     proximal term): hooks only see per-sample terms, so a penalty added to the loss would be dropped.
     """
     users = np.fromiter(targets, dtype=np.int64)
+    k = plan.baskets_per_user
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    # a user's k baskets are k rows, each clipped to C / k: the user's sum stays within C, and the
+    # noise σ·k × C / k is the σ·C the accountant assumes for sensitivity C
     dp_optimizer = DPOptimizer(
         optimizer,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.clip_norm,
+        noise_multiplier=plan.noise_multiplier * k,
+        max_grad_norm=plan.clip_norm / k,
         expected_batch_size=max(1, round(plan.sample_rate * len(users))),
         loss_reduction="mean",
         generator=torch.Generator().manual_seed(secrets.randbits(63)),  # noise nobody else can replay
@@ -218,7 +226,8 @@ def private_round(
             dp_optimizer.zero_grad(set_to_none=True)
             sampled = users[rng.random(len(users)) < plan.sample_rate]  # Poisson sampling of users
             if len(sampled):
-                examples = [Example(int(u), int(rng.choice(targets[int(u)]))) for u in sampled]
+                examples = [Example(int(u), int(t)) for u in sampled
+                            for t in rng.choice(targets[int(u)], size=min(k, len(targets[int(u)])), replace=False)]
                 history, candidates = builder.training_batch(
                     examples, rng=rng, negatives=negatives, random_negatives=random_negatives, in_batch_negatives=0
                 )

@@ -158,7 +158,8 @@ def test_only_trainable_arrays_and_scalar_metrics_leave_a_site(simulated, tiny_b
     allowed_metrics = {"num-examples", "train-examples", "loss", "train-seconds", "site-index", "users", "explore_users",
                        "lambda-word", "lambda-sentence", "lambda-paragraph", "mrr", "dp-declined",
                        *(f"dp-{k}" for k in ("noise-multiplier", "sample-rate", "steps", "total-steps", "clip-norm",
-                                             "delta", "epsilon", "budget", "accountant", "users")),
+                                             "delta", "epsilon", "budget", "accountant", "users", "release-noise-multiplier",
+                                             "releases")),
                        *(f"{m}@{k}" for m in ("recall", "ndcg", "explore_recall") for k in (10, 20))}
     phases = {phase for phase, _ in captured}
     assert phases == {"train", "evaluate"} and len(captured) == 12  # 3 sites x 2 rounds x (train + evaluate)

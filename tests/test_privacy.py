@@ -96,6 +96,30 @@ def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteT
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in site.model.parameters())
 
 
+def test_a_users_several_baskets_together_stay_within_the_clip_norm(site: SiteTrainer) -> None:
+    user, baskets = max(site.targets.items(), key=lambda kv: len(kv[1]))
+    assert len(baskets) >= 3
+    start = site.model.trainable_state()
+
+    def update(k: int, sigma: float = 0.0) -> np.ndarray:
+        site.model.load_trainable_state(start)
+        plan = _plan(noise_multiplier=sigma, sample_rate=1.0, steps_per_round=1, clip_norm=1e-3, users=1,
+                     baskets_per_user=k)
+        optimizer = torch.optim.SGD([p for p in site.model.parameters() if p.requires_grad], lr=1.0)
+        private_round(site.model, site.builder, plan=plan, optimizer=optimizer, targets={user: baskets},
+                      negatives="catalogue", random_negatives=5, rng=np.random.default_rng(0))
+        after = site.model.trainable_state()
+        return np.concatenate([(after[n] - start[n]).ravel() for n in start])
+
+    one, three = update(1), update(3)
+    # the only user, sampled: the step is their whole contribution, one basket or three of them
+    assert 0 < np.linalg.norm(one) <= 1e-3 * (1 + 1e-4)
+    assert 0 < np.linalg.norm(three) <= 1e-3 * (1 + 1e-4) and not np.allclose(one, three)
+    # the noise is σ·C whatever k: each row's clip is C / k, its noise multiplier σ·k
+    noise = [np.linalg.norm(update(k, sigma=1.0) - update(k)) for k in (1, 3)]
+    assert noise[1] == pytest.approx(noise[0], rel=0.05)
+
+
 @pytest.mark.parametrize("negatives", ["catalogue", "sampled"])
 def test_per_sample_gradients_equal_each_users_own_gradient(site: SiteTrainer, negatives: str) -> None:
     """Opacus' per-user gradients (incl. the shared-catalogue item tower) equal one backward per user."""
