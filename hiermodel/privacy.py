@@ -50,8 +50,8 @@ class DPConfig:
     # the popularity release's noise is set so that on its own it would cost this share of the budget
     # (composed with the steps it costs far less); 0: no popularity features under DP
     popularity_share: float = 0.25
-    # target baskets a sampled user contributes to a step, each clipped to max-grad-norm / this, so
-    # that the user's whole contribution stays within max-grad-norm
+    # at most this many target baskets of a sampled user go into a step; with m of them, each is
+    # clipped to max-grad-norm / m, so that the user's whole contribution stays within max-grad-norm
     baskets_per_user: int = 1
 
     def __post_init__(self) -> None:
@@ -79,7 +79,7 @@ class PrivacyPlan:
     users: int
     history: list[list[float]] = field(default_factory=list)  # (σ, q, steps) per trained round
     release_noise_multiplier: float = 0.0  # σ of the popularity release; 0: the site releases none
-    baskets_per_user: int = 1  # per sampled user and step, each clipped to clip_norm / baskets_per_user
+    baskets_per_user: int = 1  # at most, per sampled user and step; m of them are each clipped to clip_norm / m
     popularity_release: dict | None = None  # the release (PopularityRelease.to_json), once made: used all run
 
     @property
@@ -189,6 +189,15 @@ def plan_privacy(
     )
 
 
+def _clip_rows(dp_optimizer: DPOptimizer, bounds: torch.Tensor) -> None:
+    """Clip each row's per-sample gradient to its own bound, before the optimizer clips all rows to
+    C (then a no-op) and adds noise σ·C: a user's m rows, each within C / m, stay within C together."""
+    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in dp_optimizer.grad_samples], dim=1).norm(dim=1)
+    factor = (bounds / (norms + 1e-6)).clamp(max=1.0)
+    for p in dp_optimizer.params:
+        p.grad_sample = p.grad_sample * factor.view(-1, *([1] * (p.grad_sample.dim() - 1)))
+
+
 def private_round(
     model: HierModel,
     builder: FeatureBuilder,
@@ -207,14 +216,11 @@ def private_round(
     proximal term): hooks only see per-sample terms, so a penalty added to the loss would be dropped.
     """
     users = np.fromiter(targets, dtype=np.int64)
-    k = plan.baskets_per_user
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    # a user's k baskets are k rows, each clipped to C / k: the user's sum stays within C, and the
-    # noise σ·k × C / k is the σ·C the accountant assumes for sensitivity C
     dp_optimizer = DPOptimizer(
         optimizer,
-        noise_multiplier=plan.noise_multiplier * k,
-        max_grad_norm=plan.clip_norm / k,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.clip_norm,
         expected_batch_size=max(1, round(plan.sample_rate * len(users))),
         loss_reduction="mean",
         generator=torch.Generator().manual_seed(secrets.randbits(63)),  # noise nobody else can replay
@@ -226,14 +232,18 @@ def private_round(
             dp_optimizer.zero_grad(set_to_none=True)
             sampled = users[rng.random(len(users)) < plan.sample_rate]  # Poisson sampling of users
             if len(sampled):
-                examples = [Example(int(u), int(t)) for u in sampled
-                            for t in rng.choice(targets[int(u)], size=min(k, len(targets[int(u)])), replace=False)]
+                chosen = [rng.choice(targets[int(u)], size=min(plan.baskets_per_user, len(targets[int(u)])), replace=False)
+                          for u in sampled]
+                examples = [Example(int(u), int(t)) for u, baskets in zip(sampled, chosen) for t in baskets]
                 history, candidates = builder.training_batch(
                     examples, rng=rng, negatives=negatives, random_negatives=random_negatives, in_batch_negatives=0
                 )
                 out = module(history, candidates)
                 out.loss.backward()
                 losses.append(float(out.loss.detach()))
+                if plan.baskets_per_user > 1:
+                    bounds = np.repeat([plan.clip_norm / len(b) for b in chosen], [len(b) for b in chosen])
+                    _clip_rows(dp_optimizer, torch.as_tensor(bounds, dtype=torch.float32))
             else:  # nobody sampled: the step still adds noise, as the accountant assumes
                 for p in model.parameters():
                     if p.requires_grad:

@@ -115,7 +115,7 @@ def test_a_users_several_baskets_together_stay_within_the_clip_norm(site: SiteTr
     # the only user, sampled: the step is their whole contribution, one basket or three of them
     assert 0 < np.linalg.norm(one) <= 1e-3 * (1 + 1e-4)
     assert 0 < np.linalg.norm(three) <= 1e-3 * (1 + 1e-4) and not np.allclose(one, three)
-    # the noise is σ·C whatever k: each row's clip is C / k, its noise multiplier σ·k
+    # the noise is σ·C whatever k
     noise = [np.linalg.norm(update(k, sigma=1.0) - update(k)) for k in (1, 3)]
     assert noise[1] == pytest.approx(noise[0], rel=0.05)
 
