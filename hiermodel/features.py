@@ -3,7 +3,8 @@
 Per (user, candidate) features, in this order (the repeat block first, so the no-repeat ablation can
 blank it): log1p(count), share of history baskets, log1p(decayed count), 1/(1+baskets since last),
 log1p(days since last)/6, in-history flag; then popularity: log1p(training baskets with the item)
-and log1p(baskets with it in the 30 days before the target), each normalised; then user features:
+and log1p(baskets with it in the 30 days before the target), each normalised (a private site reads
+both from its DP release instead: hiermodel.private_popularity); then user features:
 log1p(history baskets)/5, log1p(days since last basket)/6, log1p(distinct items)/6, log1p(mean basket size)/4.
 """
 
