@@ -7,6 +7,8 @@ own history and public catalogue items only (never other users' baskets: no in-b
 so one user's data touches one per-sample gradient,
 which is clipped to the clip norm before Gaussian noise is added.
 
+A training record is a user with up to dp.baskets-per-user target baskets per step.
+
 The popularity features are a second mechanism: a Gaussian release of per-user-bounded weekly counts
 at the site's first round (hiermodel.private_popularity), composed with the steps by the same accountant.
 """
@@ -50,6 +52,10 @@ class DPConfig:
     # the popularity release's noise is set so that on its own it would cost this share of the budget
     # (composed with the steps it costs far less); 0: no popularity features under DP
     popularity_share: float = 0.25
+    # the release's public week grid: week 0 starts at popularity_start (Unix seconds); 0 weeks: no
+    # release (the grid must not come from a site's data; `hierfed simulate` sets it from the data set's dates)
+    popularity_start: float = 0.0
+    popularity_weeks: int = 0
     # at most this many target baskets of a sampled user go into a step; with m of them, each is
     # clipped to max-grad-norm / m, so that the user's whole contribution stays within max-grad-norm
     baskets_per_user: int = 1

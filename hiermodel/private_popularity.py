@@ -5,8 +5,12 @@ Plain popularity counts every user of a site, so it cannot feed DP-SGD as it is:
 would change the features of every other user's per-sample gradient. Instead a private site
 releases it once per run and trains on the release:
 
-- each user contributes the indicator of the distinct (week, item) pairs of their baskets, scaled
-  to L2 norm 1 (1/√n for n pairs), so adding or removing one user moves the sum by at most 1;
+- the weeks are a public grid from the run config (dp.popularity-start, dp.popularity-weeks), never
+  read from the site's data: the first or last basket is one user's, and a grid that moved with it
+  would let that user change every cell;
+- each user contributes the indicator of the distinct (week, item) pairs of their baskets in the
+  grid, scaled to L2 norm 1 (1/√n for n pairs), so adding or removing one user moves the sum by at
+  most 1;
 - Gaussian noise of standard deviation σ is added to every cell (σ is the release's noise
   multiplier, the sensitivity being 1), and negative cells are clipped to 0 (post-processing).
 
@@ -21,6 +25,7 @@ before (where the plain feature counts the training baskets).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,19 +40,27 @@ def _week(timestamp: float, start: float) -> int:
     return int((timestamp - start) // SECONDS_PER_WEEK)
 
 
-def user_contributions(dataset: Dataset, *, start: float | None = None) -> tuple[float, np.ndarray]:
-    """Week 0's start (default: the first basket's time) and the (weeks, items) sum over users of
-    each user's L2-normalised indicator of their (week, item) pairs: the release before noise."""
+def week_grid(dataset: Dataset) -> tuple[float, int]:
+    """Weeks (aligned to the Unix epoch) that cover a whole data set: what an operator who knows the
+    data's date range would configure. A site must be given its grid, never derive it (see above)."""
     times = [b.timestamp for u in dataset.users for b in u.baskets]
-    start = min(times, default=0.0) if start is None else start
-    weeks = _week(max(times, default=0.0), start) + 1
+    if not times:
+        return 0.0, 0
+    start = float(np.floor(min(times) / SECONDS_PER_WEEK) * SECONDS_PER_WEEK)
+    return start, _week(max(times), start) + 1
+
+
+def user_contributions(dataset: Dataset, *, start: float, weeks: int, users: Sequence[int] | None = None) -> np.ndarray:
+    """The (weeks, items) sum over ``users`` (default: all) of each one's L2-normalised indicator of
+    their (week, item) pairs inside the grid: the release before noise."""
     total = np.zeros((weeks, dataset.num_items), dtype=np.float64)
-    for user in dataset.users:
-        cells = {(_week(b.timestamp, start), int(i)) for b in user.baskets for i in b.items}
+    for u in range(len(dataset.users)) if users is None else users:
+        cells = {(w, int(i)) for b in dataset.users[u].baskets if 0 <= (w := _week(b.timestamp, start)) < weeks
+                 for i in b.items}
         if cells:
             rows, cols = np.array(sorted(cells)).T
             total[rows, cols] += 1.0 / np.sqrt(len(cells))
-    return start, total
+    return total
 
 
 @dataclass
@@ -93,10 +106,15 @@ class PopularityRelease:
         return cls(start=0.0, counts=np.zeros((1, num_items)))
 
 
-def release_popularity(dataset: Dataset, noise_multiplier: float) -> PopularityRelease:
-    """One DP release of the site's weekly item popularity (noise from OS randomness, so nobody can replay it)."""
+def release_popularity(
+    dataset: Dataset, noise_multiplier: float, *, start: float, weeks: int, users: Sequence[int] | None = None
+) -> PopularityRelease:
+    """One DP release of the weekly item popularity of ``users`` (default: all) on the public grid
+    (noise from OS randomness, so nobody can replay it)."""
     if not noise_multiplier > 0:
         raise ValueError(f"a private popularity release needs noise, got noise multiplier {noise_multiplier}")
-    start, exact = user_contributions(dataset)
+    if weeks < 1:
+        raise ValueError("a popularity release needs a public grid of at least one week (dp.popularity-weeks)")
+    exact = user_contributions(dataset, start=start, weeks=weeks, users=users)
     rng = np.random.default_rng(secrets.randbits(128))
     return PopularityRelease(start=start, counts=np.maximum(exact + rng.normal(0.0, noise_multiplier, exact.shape), 0.0))

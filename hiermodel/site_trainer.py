@@ -63,9 +63,14 @@ class SiteTrainer:
         self.targets = train_targets_by_user(dataset)
 
     def use_release(self, plan: PrivacyPlan | None) -> None:
-        """Feed the plan's popularity release (if it made one) to the features."""
+        """Feed this run's popularity release to a private site's features, or none: a release of
+        another run (this process may serve several) or of a round that never completed must not stay."""
+        if not self.private:
+            return
         if plan is not None and plan.popularity_release is not None:
             self.builder.set_popularity(PopularityRelease.from_json(plan.popularity_release))
+        else:
+            self.builder.set_popularity(PopularityRelease.empty(self.dataset.num_items))
 
     def train(
         self,
@@ -162,13 +167,17 @@ class SiteTrainer:
         """The site's DP mechanism; None for a site with no user to train on (it has nothing to protect or send)."""
         if not self.targets:
             return None
-        release = self.config.use_popularity and dp.popularity_share > 0
+        release = self.config.use_popularity and dp.popularity_share > 0 and dp.popularity_weeks > 0
         plan = plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
                             planned_rounds=planned_rounds, release=release)
         # made now, once for the run (the plan's ε from here on includes it); not by a site whose
         # budget cannot pay for it and a first round, as it would spend ε and then decline
         if release and plan.epsilon(plan.steps_per_round, releases=1) <= plan.budget_epsilon:
-            plan.popularity_release = release_popularity(self.dataset, plan.release_noise_multiplier).to_json()
+            # the users the plan counts (δ is set from them), on the run's public week grid
+            plan.popularity_release = release_popularity(
+                self.dataset, plan.release_noise_multiplier, start=dp.popularity_start, weeks=dp.popularity_weeks,
+                users=sorted(self.targets),
+            ).to_json()
         return plan
 
     def current_lambda(self) -> np.ndarray:

@@ -39,10 +39,14 @@ def _private_features(dataset, config: RunConfig) -> dict:
     a DP popularity release (or none), never the plain counts."""
     if not config.dp.enabled:
         return {}
-    if not config.model.use_popularity:
+    dp = config.dp
+    if not (config.model.use_popularity and dp.popularity_share and dp.popularity_weeks):
         return {"popularity": PopularityRelease.empty(dataset.num_items)}
-    delta = config.dp.target_delta or 1.0 / (10 * max(len(dataset.users), 1))
-    return {"popularity": release_popularity(dataset, release_noise(config.dp, delta=delta))}
+    delta = dp.target_delta or 1.0 / (10 * max(len(dataset.users), 1))
+    # made anew whenever the server starts (a resume too), on the held-out users only, and used for
+    # the server's evaluation only: it is recorded nowhere and never leaves the server
+    return {"popularity": release_popularity(dataset, release_noise(dp, delta=delta), start=dp.popularity_start,
+                                             weeks=dp.popularity_weeks)}
 
 
 class GlobalModel:

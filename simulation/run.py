@@ -12,6 +12,7 @@ from pathlib import Path
 from hiermodel.data.store import save_dataset
 from hiermodel.errors import ConfigError
 from hiermodel.jobs import write_json
+from hiermodel.private_popularity import week_grid
 from hiermodel.run_config import RunConfig
 from simulation.partitions import make_partitions, write_partitions
 
@@ -44,6 +45,9 @@ def prepare_run(
     log(f"data: {dataset.name}, {len(dataset.users)} users, {dataset.num_items} items -> {len(parts)} sites "
         f"({partition}): " + ", ".join(f"{p.name} {len(p.users)}" for p in parts[:8]) + (" …" if len(parts) > 8 else ""))
     flat = config.to_flat()
+    if config.dp.enabled and not config.dp.popularity_weeks:
+        # the operator's public choice of the weeks the popularity release covers: the data set's dates
+        flat["dp.popularity-start"], flat["dp.popularity-weeks"] = week_grid(dataset)
     flat["fed.partitions-dir"] = str(folder.resolve())
     flat["fed.out-dir"] = str(out.resolve())
     if server_eval:
