@@ -70,9 +70,6 @@ class _PldComposer:
         this_round = _round_pld(q, sigma, steps, self.interval)
         self.pld = this_round if self.pld is None else self.pld.compose(this_round)
 
-    def add_release(self, sigma: float, count: int) -> None:
-        self.add(1.0, sigma, count)  # a Gaussian mechanism on every user at once: q = 1
-
     def epsilon(self, delta: float) -> float:
         return self.pld.get_epsilon_for_delta(delta)
 
@@ -98,9 +95,6 @@ class _RdpComposer:
     def add(self, q: float, sigma: float, steps: int) -> None:
         self.orders, rdp = _step_rdp(q, sigma)
         self.rdp = self.rdp + steps * rdp
-
-    def add_release(self, sigma: float, count: int) -> None:
-        self.add(1.0, sigma, count)
 
     def epsilon(self, delta: float) -> float:
         from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
@@ -137,7 +131,7 @@ def epsilon_series(rounds: Sequence[Round], *, accountant: str = "pld", interval
             infinite = True  # no noise: not private at all
         else:
             if releases > 0:
-                composer.add_release(float(release_sigma), int(releases))
+                composer.add(1.0, float(release_sigma), int(releases))  # a Gaussian on every user at once: q = 1
             if steps > 0:
                 composer.add(float(q), float(sigma), int(steps))
             composed = composed or steps > 0 or releases > 0

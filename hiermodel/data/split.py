@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hiermodel.data.dataset import Basket, Dataset, User
+from hiermodel.data.dataset import Dataset
 
 SPLITS = ("train", "validation", "test")
 
@@ -50,16 +50,12 @@ def train_targets_by_user(dataset: Dataset, *, min_baskets: int = 3) -> dict[int
     return out
 
 
-def train_baskets(user: User, *, min_baskets: int = 3) -> list[Basket]:
-    """A user's baskets that are neither a validation nor a test target."""
-    n = len(user.baskets)
-    return user.baskets[: n - 2 if n >= min_baskets else n]
-
-
 def train_popularity(dataset: Dataset, *, min_baskets: int = 3) -> np.ndarray:
     """Per item, the number of baskets containing it, counting no validation or test basket."""
     counts = np.zeros(dataset.num_items, dtype=np.float64)
     for user in dataset.users:
-        for basket in train_baskets(user, min_baskets=min_baskets):
+        n = len(user.baskets)
+        stop = n - 2 if n >= min_baskets else n
+        for basket in user.baskets[:stop]:
             counts[basket.items] += 1
     return counts
