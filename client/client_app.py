@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from client.site_data import site_trainer
 from client.site_state import SiteState, state_root
@@ -16,10 +17,29 @@ from hiermodel.privacy import PrivacyPlan
 from hiermodel.run_config import RunConfig
 from hiermodel.site_trainer import LAMBDA_KEY
 
-app = ClientApp()
+CLIPPING_NORM = "clipping_norm"  # what Flower's client-side central DP wrapper adds to the config
+
+
+def central_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod for a run with client-side central DP (its wrapper sends the clip
+    norm); other runs' messages pass untouched (the mod would refuse them)."""
+    if not (msg.metadata.message_type.startswith("train") and CLIPPING_NORM in msg.content["config"]):
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if not reply.has_error() and _unchanged(msg, reply):
+        return reply  # a declined round: nothing to clip (the mod would divide by its zero norm)
+    return fixedclipping_mod(msg, context, lambda *_: reply)
+
+
+def _unchanged(msg: Message, reply: Message) -> bool:
+    sent, back = msg.content["arrays"], reply.content["arrays"]
+    return sent.keys() == back.keys() and all(np.array_equal(sent[k].numpy(), back[k].numpy()) for k in sent)
+
+
+app = ClientApp(mods=[central_clipping])
 
 # keys the strategy adds to the config it sends, beside our run config
-STRATEGY_KEYS = ("server-round", "proximal-mu")
+STRATEGY_KEYS = ("server-round", "proximal-mu", CLIPPING_NORM)
 PERSONAL_LAMBDA = "personal-lambda"
 PRIVACY = "privacy"
 

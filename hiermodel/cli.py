@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-delta", type=float, help="each site's δ (default 1 / (10 × its users))")
     p.add_argument("--noise-multiplier", type=float, help="fix σ instead of calibrating it to the budget")
     p.add_argument("--no-dp", action="store_true", help="the non-private baseline: plain local training")
+    p.add_argument("--central-dp", choices=("server-side", "client-side"),
+                   help="add client-level central DP (Flower's fixed-clipping wrappers): a whole site is the unit; "
+                        "budget dp.central-target-epsilon, clip norm dp.central-clip-norm")
     p.add_argument("--no-server-eval", action="store_true", help="skip the server's per-round evaluation on held-out users")
     p.add_argument("--cpus-per-site", type=number(float, above=0), default=1.0, help="Ray CPUs per simulated site")
     p.add_argument("--prepare-only", action="store_true",

@@ -35,6 +35,7 @@ from hiermodel.model import HierModel
 
 ACCOUNTANTS = ("prv", "rdp")
 ACCOUNTANT_CODES = {"prv": 0, "rdp": 1}  # metrics carry numbers only
+CENTRAL_MODES = ("off", "server-side", "client-side")
 
 
 @dataclass
@@ -59,6 +60,13 @@ class DPConfig:
     # at most this many target baskets of a sampled user go into a step; with m of them, each is
     # clipped to max-grad-norm / m, so that the user's whole contribution stays within max-grad-norm
     baskets_per_user: int = 1
+    # optional client-level central DP on top (Flower's fixed-clipping wrappers and RDP accountant):
+    # each site's whole update is clipped to central-clip-norm, the uniform average gets Gaussian noise
+    central: str = "off"  # off | server-side (the server clips) | client-side (each site clips)
+    central_target_epsilon: float = 8.0  # the federation's budget over fed.rounds, a whole site as the unit
+    central_target_delta: float = 0.0  # 0: 1 / (10 × the sites sampled each round)
+    central_noise_multiplier: float = 0.0  # 0: calibrated so fed.rounds releases spend central-target-epsilon
+    central_clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -69,6 +77,17 @@ class DPConfig:
             raise ConfigError("dp.max-grad-norm must be > 0, dp.noise-multiplier >= 0, 0 <= dp.target-delta < 1")
         if not 0 <= self.popularity_share < 1:
             raise ConfigError(f"dp.popularity-share must be in [0, 1) (0: no popularity features), got {self.popularity_share}")
+        if self.central not in CENTRAL_MODES:
+            raise ConfigError(f"unknown dp.central {self.central!r}; valid: {', '.join(CENTRAL_MODES)}")
+        if self.central != "off" and not (self.central_target_epsilon > 0 and self.central_clip_norm > 0
+                                          and self.central_noise_multiplier >= 0 and 0 <= self.central_target_delta < 1):
+            raise ConfigError("dp.central needs dp.central-target-epsilon > 0, dp.central-clip-norm > 0, "
+                              "dp.central-noise-multiplier >= 0 and 0 <= dp.central-target-delta < 1")
+
+    @property
+    def ledgered(self) -> bool:
+        """Whether the run keeps a privacy ledger: the sites' DP-SGD, central DP, or both."""
+        return self.enabled or self.central != "off"
 
 
 @dataclass
@@ -133,7 +152,7 @@ def composed_epsilon(history: list[list[float]], *, delta: float, accountant: st
         return float(composer.get_epsilon(delta=delta))
 
 
-def _calibrate(epsilon_at, target: float) -> float:
+def calibrate_noise(epsilon_at, target: float) -> float:
     """The smallest σ (to 0.5 %) whose ε is at most ``target``; ``epsilon_at`` falls as σ grows."""
     low, high = 0.05, 1.0
     while epsilon_at(high) > target:
@@ -151,7 +170,7 @@ def release_noise(dp: DPConfig, *, delta: float) -> float:
     if not dp.popularity_share:
         return 0.0
     share = dp.popularity_share * dp.target_epsilon
-    return _calibrate(lambda s: composed_epsilon([[s, 1.0, 1]], delta=delta, accountant=dp.accountant), share)
+    return calibrate_noise(lambda s: composed_epsilon([[s, 1.0, 1]], delta=delta, accountant=dp.accountant), share)
 
 
 def plan_privacy(
@@ -170,7 +189,7 @@ def plan_privacy(
     if dp.noise_multiplier:
         sigma = dp.noise_multiplier
     elif release_sigma:
-        sigma = _calibrate(lambda s: composed_epsilon([[s, q, steps], [release_sigma, 1.0, 1]], delta=delta,
+        sigma = calibrate_noise(lambda s: composed_epsilon([[s, q, steps], [release_sigma, 1.0, 1]], delta=delta,
                                                       accountant=dp.accountant), dp.target_epsilon)
     else:
         sigma = get_noise_multiplier(

@@ -1,6 +1,9 @@
 """`hierfed audit`: recompute every site's ε from a run's privacy ledger with an independent
 accountant (Google's dp_accounting: PLD by default, or RDP) and check it against what the sites
-reported, against their budgets, and for gaps in the ledger."""
+reported, against their budgets, and for gaps in the ledger.
+
+Central DP's record (Flower's RDP accountant, which is dp_accounting's) is recomputed by Opacus'
+RDP analysis instead: the same bound by another implementation."""
 
 from __future__ import annotations
 
@@ -33,8 +36,12 @@ ABS_TOLERANCE = 0.01
 PLD_INTERVAL = 1e-3
 AUDIT_ACCOUNTANTS = ("pld", "rdp")
 PARALLEL_SITES = 16  # from this many sites the recomputation is spread over processes
-# which dp_accounting accountant compares like with like for the accountant a site used
+# which accountant compares like with like for the accountant a site used
 _COUNTERPART = {"prv": "pld", "rdp": "rdp"}
+# accountants whose records are always recomputed by one implementation (not the --accountant chosen)
+_FIXED_COUNTERPART = {"flower-rdp": "opacus-rdp"}
+# Opacus' default RDP orders, and higher ones for the few, barely noised releases of central DP
+OPACUS_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024])
 
 # one record's mechanisms: (sample rate q, noise multiplier σ, steps, δ), optionally followed by
 # (σ of the popularity release, releases first recorded in this record)
@@ -103,6 +110,23 @@ class _RdpComposer:
             return compute_epsilon(self.orders, self.rdp, delta)[0]
 
 
+class _OpacusRdpComposer:
+    """Opacus' RDP analysis of the sampled Gaussian mechanism, summed over the rounds."""
+
+    def __init__(self, interval: float) -> None:
+        self.rdp = 0.0
+
+    def add(self, q: float, sigma: float, steps: int) -> None:
+        from opacus.accountants.analysis.rdp import compute_rdp
+
+        self.rdp = self.rdp + compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(OPACUS_ORDERS))
+
+    def epsilon(self, delta: float) -> float:
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        return float(get_privacy_spent(orders=list(OPACUS_ORDERS), rdp=self.rdp, delta=delta)[0])
+
+
 @contextlib.contextmanager
 def _quiet_absl() -> Iterator[None]:
     """dp_accounting's RDP logs a warning per fractional order it cannot evaluate (and then skips)."""
@@ -115,7 +139,7 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-_COMPOSERS = {"pld": _PldComposer, "rdp": _RdpComposer}
+_COMPOSERS = {"pld": _PldComposer, "rdp": _RdpComposer, "opacus-rdp": _OpacusRdpComposer}
 
 
 def epsilon_series(rounds: Sequence[Round], *, accountant: str = "pld", interval: float | None = None) -> list[float]:
@@ -153,15 +177,19 @@ def recompute_epsilon(
     return epsilon_series([(q, s, n, delta) for q, s, n in rounds], accountant=accountant, interval=interval)[-1]
 
 
-def _series_by_site(rounds: list[list[Round]], *, accountant: str, workers: int | None) -> list[list[float]]:
-    """epsilon_series of every site; sites are independent, so many of them go to forked workers."""
-    work = functools.partial(epsilon_series, accountant=accountant, interval=PLD_INTERVAL)
+def _site_series(rounds: list[Round], accountant: str) -> list[float]:
+    return epsilon_series(rounds, accountant=accountant, interval=PLD_INTERVAL)
+
+
+def _series_by_site(rounds: list[list[Round]], *, accountants: list[str], workers: int | None) -> list[list[float]]:
+    """epsilon_series of every site (by its own accountant); sites are independent, so many of them
+    go to forked workers."""
     if workers is None:
         workers = min(len(rounds), len(os.sched_getaffinity(0))) if len(rounds) >= PARALLEL_SITES else 1
     if workers <= 1 or not _can_fork():
-        return [work(r) for r in rounds]
+        return [_site_series(r, a) for r, a in zip(rounds, accountants)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(work, rounds, chunksize=max(1, len(rounds) // (8 * workers))))
+        return list(pool.map(_site_series, rounds, accountants, chunksize=max(1, len(rounds) // (8 * workers))))
 
 
 def _can_fork() -> bool:
@@ -277,7 +305,9 @@ class _Audit:
         reported = record["epsilon"]
         relative = (reported - recomputed) / recomputed if 0 < recomputed < math.inf else math.inf
         hint = ""
-        if _COUNTERPART.get(record["accountant"]) != self.accountant:
+        if record["accountant"] in _FIXED_COUNTERPART:
+            hint = f"; recomputed by {_FIXED_COUNTERPART[record['accountant']]}"
+        elif _COUNTERPART.get(record["accountant"]) != self.accountant:
             hint = (f"; the site used Opacus' {record['accountant']}"
                     + (f", audit with --accountant {_COUNTERPART[record['accountant']]} to compare like with like"
                        if record["accountant"] in _COUNTERPART else ", an approximation rather than a bound"))
@@ -319,7 +349,8 @@ class _Audit:
         names = sorted(self.sites)
         # unreported steps were spent at the site's (fixed) mechanism too: they are composed like the others
         rounds = [self._mechanisms(self.sites[name]) for name in names]
-        for name, recomputed in zip(names, _series_by_site(rounds, accountant=self.accountant, workers=workers)):
+        accountants = [_FIXED_COUNTERPART.get(self.sites[name][-1]["accountant"], self.accountant) for name in names]
+        for name, recomputed in zip(names, _series_by_site(rounds, accountants=accountants, workers=workers)):
             records = self.sites[name]
             self.series[name] = [RoundEpsilon(r["round"], r["status"], r["epsilon"], eps) for r, eps in zip(records, recomputed)]
             self._check_epsilon(records, recomputed)

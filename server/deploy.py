@@ -345,7 +345,7 @@ SuperLink ready (TLS, SuperNode authentication on).
   reaches it can also submit runs (Flower's Control API has no login here): allow only the sites' addresses.
   registered sites (the ledger names deployed sites node-<id>):
 {sites}
-  each site starts (with its own data, its key from sites/, and {CA_CERT}):
+  each site starts (with its own data, its key from sites/, and a copy of {ca}):
     hierfed site --superlink {public}:{spec.port} --site NAME --data PATH --root-cert {CA_CERT} --auth-key NAME.key [--budget-epsilon E] [--site-index K]
   start a run from the project folder on this machine (connection [{connection}] in $FLWR_HOME/config.toml):
     flwr run . {connection} --stream --run-config "{example}"

@@ -26,7 +26,8 @@ from hiermodel.errors import DataError
 
 LEDGER_FILE = "ledger.jsonl"
 STATUSES = ("trained", "declined")
-ACCOUNTANTS = ("prv", "rdp", "gdp")
+# the sites' Opacus accountants, and Flower's RDP accountant of central DP (server.central_privacy)
+ACCOUNTANTS = ("prv", "rdp", "gdp", "flower-rdp")
 
 # field -> JSON type; "float" accepts integers too (some encoders write 1.0 as 1)
 SITE_FIELDS = {

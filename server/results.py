@@ -29,7 +29,7 @@ class RunResults:
         self.rows: list[dict] = []
         self.initial: dict[str, float] = {}
         self.sites = _site_names(config)
-        self.ledger = PrivacyLedger(run_dir.folder / LEDGER_FILE) if config.dp.enabled else None
+        self.ledger = PrivacyLedger(run_dir.folder / LEDGER_FILE) if config.dp.ledgered else None
 
     def end_round(
         self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float], *, evaluate_seconds: float = 0.0
@@ -138,6 +138,8 @@ class RunResults:
                 continue
             seen.add(site)
             records.append(record)
+        if "central" in entry:  # the federation's own mechanism (central DP), as one more record
+            records.append(entry["central"])
         return records
 
     def _clients(self, entry: dict) -> dict[str, dict]:

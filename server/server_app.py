@@ -14,7 +14,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hiermodel.run_config import RunConfig
+from server.central_privacy import CentralPrivacy, check_strategy, plan_central, released_rounds, sampled_sites
 from server.global_model import GlobalModel
+from server.ledger import LEDGER_FILE, read_ledger
 from server.results import RunResults
 from server.resume import ResumePoint, describe, find_resume_point
 from server.run_directory import RunDirectory
@@ -27,6 +29,15 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("flwr").propagate = False  # Opacus adds a root handler: don't print Flower's log twice
     run_server(grid, context.run_config)
+
+
+def _central_privacy(grid: Grid, config: RunConfig, run_dir: RunDirectory) -> CentralPrivacy:
+    """The federation's central DP mechanism for the sites sampled each round, with what a resumed
+    run already spent."""
+    check_strategy(config.fed)
+    ledger = run_dir.folder / LEDGER_FILE
+    released = released_rounds(read_ledger(ledger)) if config.fed.resume and ledger.exists() else 0
+    return plan_central(config.dp, sites=sampled_sites(grid, config.fed), rounds=config.fed.rounds, released=released)
 
 
 def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> dict:
@@ -42,7 +53,7 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
         fed = dataclasses.replace(stored.fed, resume=True, out_dir=str(run_dir.folder),
                                   run_id=stored.fed.run_id or uuid.uuid4().hex)
         config = dataclasses.replace(stored, fed=fed)
-        point = find_resume_point(run_dir, dp=config.dp.enabled)
+        point = find_resume_point(run_dir, dp=config.dp.ledgered)
         log(describe(point, run_dir.folder, config.fed.rounds))
     else:
         previous = run_dir.set_aside_previous_run()
@@ -53,7 +64,8 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
     run_dir.write_config(config)
     global_model = GlobalModel(config)
     round_log = RoundLog()
-    strategy = build_strategy(config.fed, round_log)
+    central = _central_privacy(grid, config, run_dir) if config.dp.central != "off" else None
+    strategy = build_strategy(config.fed, round_log, central=central)
     strategy.round_offset = point.completed
     results = RunResults(config=config, round_log=round_log, run_dir=run_dir, model=global_model, log=log)
     results.resume_from(point.rows, point.initial)

@@ -25,6 +25,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         "dp.target-epsilon": args.target_epsilon,
         "dp.target-delta": args.target_delta,
         "dp.noise-multiplier": args.noise_multiplier,
+        "dp.central": args.central_dp,
     }
     flat.update({k: v for k, v in flags.items() if v is not None})
     if args.personal_lambda:

@@ -67,3 +67,16 @@ def send_round(strategy, server_round: int, state: dict[str, np.ndarray], *, nod
     for m in messages:
         m.metadata.__dict__["_message_id"] = f"q{m.metadata.dst_node_id}"
     return messages
+
+
+def train_reply(node: int, arrays: dict[str, np.ndarray], examples: float = 10):
+    """A site's training reply as the grid hands it to the strategy: answering message "q<node>"."""
+    import time
+
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples, "loss": 1.0})})
+    return Message(metadata=metadata, content=content)

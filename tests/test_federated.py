@@ -99,13 +99,13 @@ def simulated(tiny_backbone: str, tmp_path_factory):
     from simulation.run import prepare_run, simulate
 
     captured: list[tuple[str, RecordDict]] = []
-    original = strategy_module.RecordingMixin._usable
+    original = strategy_module.RecordingStrategy._usable
 
     def capture(self, replies, entry, *, phase):
         captured.extend((phase, m.content) for m in replies if not m.has_error())
         return original(self, replies, entry, phase=phase)
 
-    strategy_module.RecordingMixin._usable = capture
+    strategy_module.RecordingStrategy._usable = capture
     out = tmp_path_factory.mktemp("sim") / "run"
     try:
         config = RunConfig.from_flat({
@@ -116,7 +116,7 @@ def simulated(tiny_backbone: str, tmp_path_factory):
         config, sites, _ = prepare_run(config, out=out, partition="natural", num_clients=None, log=lambda *_: None)
         results = simulate(config, num_sites=sites, log=lambda *_: None)
     finally:
-        strategy_module.RecordingMixin._usable = original
+        strategy_module.RecordingStrategy._usable = original
     return out, results, captured, config
 
 

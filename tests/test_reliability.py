@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
 from client.site_state import SiteState
 from hiermodel.cli import main
@@ -25,17 +25,9 @@ from server.resume import find_resume_point
 from server.run_directory import RunDirectory
 from server.strategy import RoundLog, build_strategy
 from server.update_validation import update_problem
-from tests.helpers import send_round
+from tests.helpers import send_round, train_reply
 
 SENT = {"a": np.zeros(3, np.float32), "b": np.ones((2, 2), np.float32)}
-
-
-def _reply(node: int, arrays: dict[str, np.ndarray], examples: float = 10) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
-                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": examples, "loss": 1.0})})
-    return Message(metadata=metadata, content=content)
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -63,11 +55,11 @@ def test_rejected_updates_and_silent_sites_leave_the_global_model_alone() -> Non
     send_round(strategy, 1, SENT, nodes=[1, 2, 3, 4, 5, 6])
     honest = {"a": np.array([1.0, 2.0, 3.0], np.float32), "b": np.full((2, 2), 2.0, np.float32)}
     replies = [
-        _reply(1, honest),
-        _reply(2, {**honest, "a": np.array([np.nan, 0, 0], np.float32)}),
-        _reply(3, {**honest, "b": np.zeros(4, np.float32)}),
-        _reply(4, {k: v * 1000 for k, v in honest.items()}),  # far past the norm bound
-        _reply(5, honest, examples=float("nan")),
+        train_reply(1, honest),
+        train_reply(2, {**honest, "a": np.array([np.nan, 0, 0], np.float32)}),
+        train_reply(3, {**honest, "b": np.zeros(4, np.float32)}),
+        train_reply(4, {k: v * 1000 for k, v in honest.items()}),  # far past the norm bound
+        train_reply(5, honest, examples=float("nan")),
     ]  # node 6 never answers
     arrays, _ = strategy.aggregate_train(1, replies)
     assert all(np.array_equal(arrays[k].numpy(), honest[k]) for k in honest)  # only the honest site counted
@@ -119,7 +111,7 @@ def _federate(five_sites, strategy_name: str, *, poisoned: bool, rounds: int = 2
         honest = np.stack([flat(u) for u in updates[1:]])
         if poisoned:
             updates[0] = {k: state[k] - POISON_SCALE * (updates[0][k] - state[k]) for k in updates[0]}
-        replies = [_reply(node, u, examples=len(site.targets)) for node, (site, u) in enumerate(zip(sites, updates), 1)]
+        replies = [train_reply(node, u, examples=len(site.targets)) for node, (site, u) in enumerate(zip(sites, updates), 1)]
         arrays, _ = strategy.aggregate_train(server_round, replies)
         state = {k: a.numpy() for k, a in arrays.items()}
         centre = honest.mean(axis=0)
@@ -334,13 +326,13 @@ def test_replies_flower_could_not_combine_are_rejected_not_fatal() -> None:
     log = RoundLog()
     strategy = build_strategy(FedConfig(strategy="fedmedian"), log)
     send_round(strategy, 1, SENT, nodes=[1, 2, 3, 4, 5])
-    odd = _reply(2, SENT)
+    odd = train_reply(2, SENT)
     odd.content["metrics"]["surprise"] = 1.0  # Flower aggregates metrics only with the same keys everywhere
-    two_arrays = _reply(3, SENT)
+    two_arrays = train_reply(3, SENT)
     two_arrays.content["more"] = ArrayRecord({"a": Array(np.zeros(3, np.float32))})
-    wrong_type = _reply(4, SENT)
+    wrong_type = train_reply(4, SENT)
     wrong_type.content["metrics"] = ConfigRecord({"num-examples": 10})
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, SENT), odd, two_arrays, wrong_type, _reply(5, SENT)])
+    arrays, _ = strategy.aggregate_train(1, [train_reply(1, SENT), odd, two_arrays, wrong_type, train_reply(5, SENT)])
     assert arrays is not None and all(np.array_equal(arrays[k].numpy(), SENT[k]) for k in SENT)
     entry = log.rounds[1]
     assert [r["node"] for r in entry["rejected"]] == ["2"] and "surprise" in entry["rejected"][0]["reason"]
