@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hiermodel.errors import ConfigError, DataError
-from server.ledger import GENESIS, LEDGER_FILE, LEGACY_DIGEST, read_ledger, round_digest
+from server.ledger import CENTRAL_SITE, GENESIS, LEDGER_FILE, LEGACY_DIGEST, read_ledger, round_digest
 
 DEFAULT_TOLERANCE = 0.02
 # Accepted on top of the relative tolerance: Opacus' PRV accountant reports the upper end of its
@@ -455,9 +455,10 @@ _COLUMNS: list[tuple[str, Callable[[SiteRow], str]]] = [
 
 
 def _summary(report: AuditReport) -> str:
+    central = any(r.site == CENTRAL_SITE for r in report.sites)
     return (f"privacy ledger {report.ledger}: {len(report.sites)} sites, {report.rounds} rounds; ε recomputed with "
-            f"dp_accounting {report.accountant.upper()} (tolerance {report.tolerance:.1%} + {report.abs_tolerance:g}) "
-            f"in {report.seconds:.1f}s")
+            f"dp_accounting {report.accountant.upper()}{' (central DP: Opacus RDP)' if central else ''} "
+            f"(tolerance {report.tolerance:.1%} + {report.abs_tolerance:g}) in {report.seconds:.1f}s")
 
 
 def _finding_lines(report: AuditReport, *, bullet: str) -> list[str]:

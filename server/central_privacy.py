@@ -28,8 +28,8 @@ from flwr.serverapp.strategy import (
 from hiermodel.errors import ConfigError
 from hiermodel.privacy import DPConfig, calibrate_noise
 from hiermodel.run_config import FedConfig
+from server.ledger import CENTRAL_SITE
 
-CENTRAL_SITE = "(central)"  # the ledger's name for the federation-level mechanism (no site has parentheses)
 CENTRAL_ACCOUNTANT = "flower-rdp"
 # FedAvg's weighted_by_key under central DP, set by the server on each reply: 1 for every training
 # reply (the sites' updates are averaged uniformly), the users for an evaluation reply

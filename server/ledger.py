@@ -28,6 +28,7 @@ LEDGER_FILE = "ledger.jsonl"
 STATUSES = ("trained", "declined")
 # the sites' Opacus accountants, and Flower's RDP accountant of central DP (server.central_privacy)
 ACCOUNTANTS = ("prv", "rdp", "gdp", "flower-rdp")
+CENTRAL_SITE = "(central)"  # the record of central DP's mechanism (a site of that name is recorded by its node)
 
 # field -> JSON type; "float" accepts integers too (some encoders write 1.0 as 1)
 SITE_FIELDS = {

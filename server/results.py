@@ -11,7 +11,7 @@ from hiermodel.run_config import RunConfig
 from hiermodel.data.store import MANIFEST, read_manifest
 from hiermodel.privacy import ACCOUNTANT_CODES
 from server.global_model import GlobalModel
-from server.ledger import LEDGER_FILE, PrivacyLedger, record_problem
+from server.ledger import CENTRAL_SITE, LEDGER_FILE, PrivacyLedger, record_problem
 from server.run_directory import RunDirectory
 from server.strategy import RoundLog
 
@@ -109,7 +109,7 @@ class RunResults:
             if "dp-noise-multiplier" not in m:
                 continue
             site = self._site_of(client, node)
-            if site in seen:  # two replies claim one site: keep both, told apart by node
+            if site in seen or site == CENTRAL_SITE:  # two replies claim one site (or central DP's name): told apart by node
                 site = f"{site}@node-{node}"
             try:
                 record = {

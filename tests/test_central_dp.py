@@ -15,7 +15,7 @@ from hiermodel.errors import ConfigError
 from hiermodel.privacy import DPConfig
 from hiermodel.run_config import FedConfig, RunConfig
 from server.audit import audit_ledger, epsilon_series
-from server.central_privacy import CENTRAL_SITE, plan_central
+from server.central_privacy import CENTRAL_SITE, plan_central, released_rounds
 from server.ledger import LEDGER_FILE, PrivacyLedger, read_ledger
 from server.strategy import RoundLog, build_strategy
 from server.update_validation import update_norm
@@ -150,6 +150,19 @@ def test_the_audit_recomputes_the_central_record_and_catches_a_wrong_epsilon(tmp
     assert row.site == CENTRAL_SITE and row.total_steps == 3 and row.epsilon_recomputed == pytest.approx(central.epsilon(), rel=0.01)
     findings = audit_ledger(tmp_path / "edited.jsonl").findings
     assert [f.kind for f in findings] == ["mismatch"] and "recomputed by opacus-rdp" in findings[0].message
+
+
+def test_a_resumed_run_goes_on_from_the_releases_its_ledger_holds(tmp_path) -> None:
+    central = _central(sites=4, rounds=5)
+    event = GaussianPrivacyEvent(noise_multiplier=central.noise_multiplier, sample_size=4, population_size=4)
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE)
+    for server_round, released in ((1, True), (2, False), (3, True)):
+        if released:
+            central.accountant.compose(event)
+        ledger.append_round(server_round, [central.ledger_record(server_round, released=released)])
+    assert released_rounds(read_ledger(tmp_path / LEDGER_FILE)) == 2
+    resumed = plan_central(DPConfig(central="server-side"), sites=4, rounds=5, released=2)
+    assert resumed.noise_multiplier == central.noise_multiplier and resumed.epsilon() == pytest.approx(central.epsilon())
 
 
 def _simulate(tiny_backbone: str, out, **flat):
