@@ -16,6 +16,7 @@ from client.site_state import SiteState, state_root
 from hiermodel.privacy import PrivacyPlan
 from hiermodel.run_config import RunConfig
 from hiermodel.site_trainer import LAMBDA_KEY
+from hiermodel.training import round_lr
 
 CLIPPING_NORM = "clipping_norm"  # what Flower's client-side central DP wrapper adds to the config
 
@@ -126,7 +127,8 @@ def train(msg: Message, context: Context) -> Message:
         plan = _privacy_plan(context, site, config)
         result = site.train(
             received,
-            train_config=config.train,
+            train_config=dataclasses.replace(config.train, lr=round_lr(config.train.lr, server_round, config.fed.rounds,
+                                                                       config.fed.lr_final)),
             local_epochs=config.fed.local_epochs,
             server_round=server_round,
             personal_lambda=_personal_lambda(context, config.fed.personal_lambda),

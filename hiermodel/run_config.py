@@ -100,6 +100,7 @@ LIMITS: dict[str, tuple] = {
     "fed.round-timeout": _POSITIVE,
     "fed.server-lr": _POSITIVE,
     "fed.proximal-mu": _at_least(0),
+    "fed.lr-final": ((lambda v: 0 < v <= 1), "in (0, 1] (1: a constant learning rate)"),
     "fed.fraction-train": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "fed.fraction-evaluate": _FRACTION,
     "fed.trim-beta": ((lambda v: 0 <= v < 0.5), "in [0, 0.5)"),
@@ -191,6 +192,9 @@ class FedConfig:
     trim_beta: float = 0.2  # fedtrimmedavg: share cut from each end
     malicious_sites: int = 1  # krum / bulyan: how many poisoned sites to tolerate
     max_update_norm: float = 0.0  # reject a site whose update (its state - the global one) is longer; 0: no bound
+    # the sites' learning rate falls by a cosine from train.lr in round 1 to lr-final × train.lr in the
+    # last planned round (1: constant); under DP it lowers the noise floor the model settles at
+    lr_final: float = 1.0
     personal_lambda: bool = False  # keep the combiner λ local to each site
     evaluate_split: str = "validation"  # what sites report in federated evaluation: validation | test
     server_eval_data: str = ""  # a saved data set the server evaluates the global model on each round

@@ -168,8 +168,12 @@ class SiteTrainer:
         if not self.targets:
             return None
         release = self.config.use_popularity and dp.popularity_share > 0 and dp.popularity_weeks > 0
-        plan = plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
-                            planned_rounds=planned_rounds, release=release)
+
+        def planned(with_release: bool) -> PrivacyPlan:
+            return plan_privacy(dp, num_users=len(self.targets), batch_size=batch_size, local_epochs=local_epochs,
+                                planned_rounds=planned_rounds, release=with_release)
+
+        plan = planned(release)
         # made now, once for the run (the plan's ε from here on includes it); not by a site whose
         # budget cannot pay for it and a first round, as it would spend ε and then decline
         if release and plan.epsilon(plan.steps_per_round, releases=1) <= plan.budget_epsilon:
@@ -178,6 +182,8 @@ class SiteTrainer:
                 self.dataset, plan.release_noise_multiplier, start=dp.popularity_start, weeks=dp.popularity_weeks,
                 users=sorted(self.targets),
             ).to_json()
+        elif release:  # no room for it (a fixed σ spends too much): the plan says there is no release
+            plan = planned(False)
         return plan
 
     def current_lambda(self) -> np.ndarray:

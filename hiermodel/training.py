@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ class TrainConfig:
 
 
 TARGET_MODES = ("uniform", "latest", "all")
+
+
+def round_lr(lr: float, server_round: int, rounds: int, final: float) -> float:
+    """The learning rate of a federated round: a cosine from ``lr`` (round 1) to ``final × lr``
+    (round ``rounds``, and any round after it)."""
+    if rounds <= 1 or final == 1.0:
+        return lr
+    progress = min(max(server_round - 1, 0) / (rounds - 1), 1.0)
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def sample_targets(targets_by_user: dict[int, list[int]], rng: np.random.Generator, mode: str = "uniform") -> list[Example]:

@@ -3,6 +3,8 @@ the ledger and the audit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -114,6 +116,11 @@ def test_a_private_site_trains_on_its_release_never_on_plain_popularity(private_
     # the plan is kept: a new process restores it, with the same release, and makes no other
     again = PrivacyPlan.from_json(plan.to_json())
     assert again.popularity_release == plan.popularity_release and again.epsilon() == pytest.approx(plan.epsilon())
+
+    # a fixed σ whose first round leaves no room for the release: none is made, and the plan says so
+    tight = site.privacy_plan(dataclasses.replace(dp, target_epsilon=1.0, noise_multiplier=0.3), batch_size=10,
+                              local_epochs=1, planned_rounds=2)
+    assert (tight.releases, tight.release_noise_multiplier, tight.noise_multiplier) == (0, 0.0, 0.3)
 
     plain = SiteTrainer(site.dataset, HierModelConfig(backbone=tiny_backbone, max_tokens=8, dim=8, max_history_items=8,
                                                       max_baskets=3, max_basket_items=4))

@@ -12,7 +12,7 @@ from hiermodel.baselines import build_baseline
 from hiermodel.model import HierModelConfig
 from hiermodel.pipeline import new_model
 from hiermodel.ranker import HierRanker
-from hiermodel.training import TrainConfig, choose_lambda_on_validation, fit, lambda_grid, sample_targets
+from hiermodel.training import TrainConfig, choose_lambda_on_validation, fit, lambda_grid, round_lr, sample_targets
 from tests.helpers import prepared
 
 
@@ -67,3 +67,11 @@ def test_target_sampling_modes(synthetic) -> None:
     with pytest.raises(ValueError, match="train.targets"):
         sample_targets(targets, rng, "nope")
     assert len(lambda_grid(3, 0.25)) == 15
+
+
+def test_the_federated_learning_rate_falls_by_a_cosine_to_its_final_share() -> None:
+    rates = [round_lr(0.01, r, 5, 0.1) for r in range(1, 8)]
+    assert rates[0] == 0.01 and rates[4] == pytest.approx(0.001) and rates[5:] == [pytest.approx(0.001)] * 2
+    assert all(a > b for a, b in zip(rates[:5], rates[1:5]))
+    assert round_lr(0.01, 3, 5, 0.5) == pytest.approx(0.0075)  # half-way: the mean of the ends
+    assert [round_lr(0.01, r, 5, 1.0) for r in (1, 5)] == [0.01, 0.01] and round_lr(0.01, 1, 1, 0.1) == 0.01
