@@ -40,7 +40,7 @@ PARALLEL_SITES = 16  # from this many sites the recomputation is spread over pro
 _COUNTERPART = {"prv": "pld", "rdp": "rdp"}
 # accountants whose records are always recomputed by one implementation (not the --accountant chosen)
 _FIXED_COUNTERPART = {"flower-rdp": "opacus-rdp"}
-# Opacus' default RDP orders, and higher ones for the few, barely noised releases of central DP
+# Opacus' default RDP orders, and higher ones for the few, heavily noised releases of central DP
 OPACUS_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024])
 
 # one record's mechanisms: (sample rate q, noise multiplier σ, steps, δ), optionally followed by
@@ -291,6 +291,9 @@ class _Audit:
             self.flag_record("inconsistent", record, f"round {server_round} follows the site's round {previous['round']}")
         elif server_round <= self.closed:
             self.flag_record("inconsistent", record, f"a record for round {server_round} after round {self.closed} was closed")
+        if record["accountant"] in _FIXED_COUNTERPART and record["sample_rate"] != 1.0:
+            self.flag_record("inconsistent", record, f"central DP claims no amplification by sampling, but the "
+                             f"record has sample rate {record['sample_rate']:g} (expected 1)")
         for key in ("delta", "budget_epsilon"):
             if previous and record[key] != previous[key]:
                 self.flag_record("inconsistent", record, f"{key} changed from {previous[key]:g} to {record[key]:g}")

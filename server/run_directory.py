@@ -23,6 +23,7 @@ from hiermodel.run_config import RunConfig
 
 CONFIG_FILE_NAME = "run_config.json"
 RESULTS_FILE = "results.json"
+CENTRAL_PRIVACY_FILE = "central_privacy.json"  # central DP's spend so far (server.central_privacy)
 
 
 class RunDirectory:
@@ -36,7 +37,7 @@ class RunDirectory:
 
         Without this the new run would append to the old ledger and overwrite its checkpoints.
         """
-        old = [self.folder / n for n in (RESULTS_FILE, "ledger.jsonl", "checkpoints", MODEL_DIR)]
+        old = [self.folder / n for n in (RESULTS_FILE, "ledger.jsonl", CENTRAL_PRIVACY_FILE, "checkpoints", MODEL_DIR)]
         old = [p for p in old if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
         if not old:
             return None

@@ -14,12 +14,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hiermodel.run_config import RunConfig
-from server.central_privacy import CentralPrivacy, check_strategy, plan_central, released_rounds, sampled_sites
+from server.central_privacy import CentralPrivacy, check_strategy, plan_central, sampled_sites
 from server.global_model import GlobalModel
-from server.ledger import LEDGER_FILE, read_ledger
 from server.results import RunResults
 from server.resume import ResumePoint, describe, find_resume_point
-from server.run_directory import RunDirectory
+from server.run_directory import CENTRAL_PRIVACY_FILE, RunDirectory
 from server.strategy import RoundLog, build_strategy
 
 app = ServerApp()
@@ -32,12 +31,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _central_privacy(grid: Grid, config: RunConfig, run_dir: RunDirectory) -> CentralPrivacy:
-    """The federation's central DP mechanism for the sites sampled each round, with what a resumed
-    run already spent."""
+    """The federation's central DP mechanism for the sites sampled each round; a resumed run
+    continues with the mechanism and the spend it saved."""
     check_strategy(config.fed)
-    ledger = run_dir.folder / LEDGER_FILE
-    released = released_rounds(read_ledger(ledger)) if config.fed.resume and ledger.exists() else 0
-    return plan_central(config.dp, sites=sampled_sites(grid, config.fed), rounds=config.fed.rounds, released=released)
+    sites, connected = sampled_sites(grid, config.fed)
+    return plan_central(config.dp, sites=sites, connected=connected, rounds=config.fed.rounds,
+                        state_path=run_dir.folder / CENTRAL_PRIVACY_FILE)
 
 
 def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> dict:

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx,
 from hiermodel.errors import ConfigError
 from hiermodel.run_config import FedConfig
 from server.central_privacy import AGGREGATION_WEIGHT, CentralPrivacy, check_strategy, wrap
-from server.update_validation import update_problem
+from server.update_validation import update_norm, update_problem
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "bulyan")
 
@@ -77,9 +77,9 @@ class RecordingStrategy(Strategy):
     the privacy ledger: the site did train). Sites that never replied are recorded as failures.
     ``round_offset`` numbers the rounds of a resumed run after the rounds already completed.
 
-    Under central DP the wrapped strategy is Flower's DP wrapper around a uniformly weighted FedAvg:
-    a declined site's unchanged state then counts as a zero update (it was sampled), and the round
-    is released only if every sampled site's update is usable (Flower's wrapper checks the count).
+    Under central DP the wrapped strategy is Flower's DP wrapper around a uniformly weighted FedAvg,
+    and every sampled site contributes to the release: its update if it is usable, a zero update
+    otherwise (declined, failed, rejected, silent), so that the round is always released.
     """
 
     def __init__(self, strategy: Strategy, round_log: RoundLog, *, max_update_norm: float = 0.0,
@@ -122,9 +122,11 @@ class RecordingStrategy(Strategy):
         entry["replies_received"] = time.time()
         kept = self._same_metric_keys([m for m in self._usable(replies, entry, phase="train") if self._valid(m, entry)], entry)
         started = time.perf_counter()
+        if self.central is not None:  # until the release is made: none
+            entry["central"] = self.central.ledger_record(server_round, released=False)
         try:
             if self.central is not None:
-                arrays, metrics = self._central_aggregate(server_round, kept, entry)
+                arrays, metrics = self._release(server_round, kept, entry)
             else:
                 arrays, metrics = self.strategy.aggregate_train(server_round, kept) if kept else (None, None)
         except Exception as exc:  # noqa: BLE001 - replies Flower cannot combine must not end the run
@@ -135,21 +137,33 @@ class RecordingStrategy(Strategy):
         entry["train"] = dict(metrics) if metrics else {}
         return arrays, metrics
 
-    def _central_aggregate(self, server_round: int, kept: list[Message], entry: dict):
-        """Flower's wrapper clips (server-side), averages uniformly, adds noise and composes the release."""
-        for m in kept:
-            m.content["metrics"][AGGREGATION_WEIGHT] = 1
-            if self.central.mode == "server-side":
-                _avoid_zero_update(m, entry["sent_state"])
+    def _release(self, server_round: int, kept: list[Message], entry: dict):
+        """Flower's wrapper clips (server-side), averages every sampled site's contribution uniformly,
+        adds the noise and composes the release; the spend is saved before the model leaves."""
+        sent_state, sent = entry["sent_state"], entry["sent"]
+        if not sent:  # the budget (or the sites connected) did not allow the round
+            return None, None
+        usable = {m.metadata.reply_to_message_id: m for m in kept}
+        contributions = []
+        for message in sent:
+            reply = usable.get(message.metadata.message_id)
+            # in the order sent (Flower's clipping pairs arrays by position); a zero update without a usable reply
+            state = {k: reply.content["arrays"][k].numpy() if reply is not None else v for k, v in sent_state.items()}
+            state = _nonzero(state, sent_state) if self.central.mode == "server-side" else \
+                _within(state, sent_state, self.central.clip_norm)
+            contributions.append(Message(RecordDict({
+                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+                "metrics": MetricRecord({AGGREGATION_WEIGHT: 1}),
+            }), reply_to=message))
         before = self.central.releases
-        if entry["sent"] and len(kept) != len(entry["sent"]):
-            entry["failures"].append({"node": "server", "phase": "aggregate", "reason": (
-                f"central DP: {len(kept)} of the {len(entry['sent'])} sampled sites' updates are usable; the round "
-                "is not released (its noise is set for all of them)")})
-        # called whenever the round was sent, so that the wrapper drops the round's pending privacy event
-        arrays, metrics = self.strategy.aggregate_train(server_round, kept) if entry["sent"] else (None, None)
-        entry["central"] = self.central.ledger_record(server_round, released=self.central.releases > before)
-        return (arrays, metrics) if self.central.releases > before else (None, None)
+        arrays, _ = self.strategy.aggregate_train(server_round, contributions)
+        released = self.central.releases > before
+        if released:
+            self.central.save()
+        entry["central"] = self.central.ledger_record(server_round, released=released)
+        entry["zero_updates"] = len(sent) - len(usable)
+        metrics = aggregate_site_metrics([m.content for m in kept], "num-examples") if kept else None
+        return (arrays if released else None), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -184,9 +198,8 @@ class RecordingStrategy(Strategy):
             client[f"bytes_up_{phase}"] = message_bytes(m)
             client[f"{phase}_metrics"] = dict(m.content["metrics"])
             weight = m.content["metrics"].get("num-examples")
-            # 0: the site declined (under central DP its unchanged state is a zero update, kept); a
-            # training reply's other weights are validated with its update
-            if (weight != 0 or self.central is not None) if phase == "train" else (isinstance(weight, (int, float)) and weight > 0):
+            # 0: the site declined; a training reply's other weights are validated with its update
+            if (weight != 0) if phase == "train" else (isinstance(weight, (int, float)) and weight > 0):
                 kept.append(m)
         if phase == "train":
             answered = {senders.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
@@ -220,18 +233,28 @@ class RecordingStrategy(Strategy):
         return problem is None
 
 
-def _avoid_zero_update(reply: Message, sent: dict[str, np.ndarray]) -> None:
-    """A declined site's reply is the state it received: a zero update, whose norm Flower's
-    server-side clipping divides by (ZeroDivisionError in Flower 1.42). Move its smallest value by
-    1e-6 instead: a fixed, data-free update far below the round's noise (σ·C / n per value)."""
-    arrays = reply.content["arrays"]
-    if any(not np.array_equal(arrays[k].numpy(), v) for k, v in sent.items()):
-        return
+def _nonzero(state: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A zero update moved by 1e-6 in one value: Flower's server-side clipping divides by the
+    update's norm (ZeroDivisionError at 0 in Flower 1.42). Fixed and data-free, far below the
+    round's noise (σ·C / n per value)."""
+    if any(not np.array_equal(state[k], v) for k, v in sent.items()):
+        return state
     key = next(k for k, v in sent.items() if v.size and np.issubdtype(v.dtype, np.floating))
     nudged = sent[key].copy()
     i = int(np.argmin(np.abs(nudged)))
-    nudged.flat[i] += 1e-6  # representable next to a value of magnitude below 1 in float32
-    arrays[key] = Array(nudged)
+    nudged.flat[i] += 1e-6  # representable beside a value below 1 in magnitude (float32)
+    return {**state, key: nudged}
+
+
+def _within(state: dict[str, np.ndarray], sent: dict[str, np.ndarray], clip_norm: float) -> dict[str, np.ndarray]:
+    """A site's own clipping, exact: validation lets float rounding pass (CLIP_SLACK), the release
+    must not."""
+    norm = update_norm(sent, state)
+    if norm <= clip_norm:
+        return state
+    scale = clip_norm / norm
+    return {k: (sent[k].astype(np.float64) + (state[k].astype(np.float64) - sent[k]) * scale).astype(sent[k].dtype)
+            for k in sent}
 
 
 def _reject(entry: dict, reply: Message, reason: str) -> None:

@@ -15,7 +15,7 @@ from hiermodel.errors import ConfigError
 from hiermodel.privacy import DPConfig
 from hiermodel.run_config import FedConfig, RunConfig
 from server.audit import audit_ledger, epsilon_series
-from server.central_privacy import CENTRAL_SITE, plan_central, released_rounds
+from server.central_privacy import CENTRAL_SITE, plan_central
 from server.ledger import LEDGER_FILE, PrivacyLedger, read_ledger
 from server.strategy import RoundLog, build_strategy
 from server.update_validation import update_norm
@@ -46,36 +46,45 @@ def test_calibrated_noise_spends_the_central_budget_and_opacus_agrees(sites, rou
     assert central.accountant.would_exceed(event)  # one release more is over the budget
 
 
+def _declined(node: int):
+    """A site's reply when its budget is spent: the state it got, and other metric keys than a trained one's."""
+    reply = train_reply(node, SENT, examples=0)
+    reply.content["metrics"] = MetricRecord({"num-examples": 0, "dp-declined": 1})
+    return reply
+
+
 def test_server_side_clips_every_site_averages_them_equally_and_adds_the_noise() -> None:
     log = RoundLog()
-    central = _central(central_noise_multiplier=1e-3, central_target_epsilon=1e9, central_clip_norm=1.0)
+    sigma = 1e-3
+    central = _central(central_noise_multiplier=sigma, central_target_epsilon=1e9, central_clip_norm=1.0)
     strategy = build_strategy(FedConfig(), log, central=central)
-    send_round(strategy, 1, SENT, nodes=[1, 2, 3])
-    replies = [train_reply(1, _moved(0.5), examples=10),
-               train_reply(2, _moved(100.0, (0.0, 1.0, 0.0)), examples=1000),  # far longer than C: clipped to 1
-               train_reply(3, SENT, examples=0)]  # declined: its unchanged state is a zero update, still counted
-    arrays, _ = strategy.aggregate_train(1, replies)
-    got = arrays["a"].numpy()
-    # equal weights whatever the sites' sizes; noise σ·C / 3 = 3e-4 per coordinate
-    np.testing.assert_allclose(got, [0.5 / 3, 1.0 / 3, 0.0], atol=3e-3)
-    assert not np.array_equal(got, np.array([0.5 / 3, 1.0 / 3, 0.0], np.float32))  # the noise is there
+    sent = {**SENT, "c": np.zeros(20_000, np.float32)}  # the noise shows on these
+    send_round(strategy, 1, sent, nodes=[1, 2, 3])
+    replies = [train_reply(1, {**_moved(0.5), "c": sent["c"]}, examples=10),
+               train_reply(2, {**_moved(100.0, (0.0, 1.0, 0.0)), "c": sent["c"]}, examples=1000),  # clipped to C = 1
+               _declined(3)]  # a zero update, still one of the three
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # equal weights whatever the sites' sizes
+    np.testing.assert_allclose(arrays["a"].numpy(), [0.5 / 3, 1.0 / 3, 0.0], atol=2e-3)
+    assert np.std(arrays["c"].numpy()) == pytest.approx(sigma * 1.0 / 3, rel=0.05)  # noise σ·C / n
+    assert dict(metrics) == {"loss": 1.0}  # the trained sites' metrics, aggregated as without central DP
     record = log.rounds[1]["central"]
     assert (record["site"], record["status"], record["steps"], record["total_steps"]) == (CENTRAL_SITE, "trained", 1, 1)
     assert record["users"] == 3 and record["sample_rate"] == 1.0 and record["epsilon"] > 0
+    assert log.rounds[1]["zero_updates"] == 1 and not log.rounds[1].get("rejected")
 
 
-def test_a_round_missing_one_sampled_site_is_not_released_and_spends_nothing() -> None:
+def test_a_site_that_fails_or_is_rejected_counts_as_a_zero_update_and_the_round_is_released() -> None:
     log = RoundLog()
-    central = _central()
+    central = _central(central_noise_multiplier=1e-3, central_target_epsilon=1e9)
     strategy = build_strategy(FedConfig(), log, central=central)
     send_round(strategy, 1, SENT, nodes=[1, 2, 3])
     replies = [train_reply(1, _moved(0.5)), train_reply(2, {**SENT, "a": np.array([np.nan, 0, 0], np.float32)})]  # 3: silent
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is None and central.releases == 0
-    record = log.rounds[1]["central"]
-    assert (record["status"], record["steps"], record["epsilon"]) == ("declined", 0, 0.0)
-    reasons = " ".join(f["reason"] for f in log.rounds[1]["failures"])
-    assert "1 of the 3 sampled sites' updates are usable; the round is not released" in reasons
+    # released whatever the sites sent: whether a round is released says nothing about their data
+    np.testing.assert_allclose(arrays["a"].numpy(), [0.5 / 3, 0.0, 0.0], atol=2e-3)
+    assert central.releases == 1 and log.rounds[1]["central"]["status"] == "trained"
+    assert log.rounds[1]["zero_updates"] == 2 and "NaN" in log.rounds[1]["rejected"][0]["reason"]
 
 
 def test_the_central_budget_stops_the_rounds_before_it_is_overspent() -> None:
@@ -92,20 +101,34 @@ def test_the_central_budget_stops_the_rounds_before_it_is_overspent() -> None:
     for server_round in (1, 2, 3):
         sent = send_round(strategy, server_round, SENT, nodes=[1, 2, 3])
         replies = [train_reply(n, _moved(0.1)) for n in (1, 2, 3)] if sent else []
-        strategy.aggregate_train(server_round, replies)
-    assert central.releases == 2 and central.epsilon() <= budget
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    assert arrays is None and central.releases == 2 and central.epsilon() <= budget
     assert [log.rounds[r]["central"]["status"] for r in (1, 2, 3)] == ["trained", "trained", "declined"]
     assert "central DP: round not run" in log.rounds[3]["failures"][0]["reason"]
 
 
-def test_client_side_mode_rejects_an_update_the_site_did_not_clip() -> None:
+def test_a_round_sampling_other_sites_than_planned_is_not_run() -> None:
     log = RoundLog()
-    strategy = build_strategy(FedConfig(), log, central=_central("client-side", central_clip_norm=1.0))
+    central = _central(sites=3)
+    strategy = build_strategy(FedConfig(), log, central=central)
+    assert send_round(strategy, 1, SENT, nodes=[1, 2, 3, 4]) == []  # its noise is set for 3
+    strategy.aggregate_train(1, [])
+    assert central.releases == 0 and log.rounds[1]["central"]["status"] == "declined"
+    assert "central DP: round not run" in log.rounds[1]["failures"][0]["reason"]
+
+
+def test_client_side_mode_takes_an_update_the_site_did_not_clip_as_a_zero_update() -> None:
+    log = RoundLog()
+    central = _central("client-side", central_clip_norm=1.0, central_noise_multiplier=1e-3, central_target_epsilon=1e9)
+    strategy = build_strategy(FedConfig(), log, central=central)
     messages = send_round(strategy, 1, SENT, nodes=[1, 2, 3])
     assert messages[0].content["config"][CLIPPING_NORM] == 1.0  # the wrapper tells the sites the clip norm
-    arrays, _ = strategy.aggregate_train(1, [train_reply(1, _moved(1.0)), train_reply(2, _moved(0.2)), train_reply(3, _moved(5.0))])
-    assert arrays is None  # one site's update is not what it claims: the round is not released
+    # site 1 clipped, its float rounding a hair above C; site 3 did not clip at all
+    replies = [train_reply(1, _moved(1.00005)), train_reply(2, _moved(0.2)), train_reply(3, _moved(5.0))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["a"].numpy(), [1.2 / 3, 0.0, 0.0], atol=2e-3)
     assert "update norm 5 is above the bound" in log.rounds[1]["rejected"][0]["reason"]
+    assert log.rounds[1]["zero_updates"] == 1
 
 
 def test_the_site_mod_clips_only_when_the_server_asks() -> None:
@@ -121,11 +144,17 @@ def test_the_site_mod_clips_only_when_the_server_asks() -> None:
                             "metrics": MetricRecord({"num-examples": 5})})
         return Message(reply, reply_to=msg)
 
+    def declined(msg: Message, context) -> Message:  # hands back what it received
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 0})}),
+                       reply_to=msg)
+
     clipped = central_clipping(message({CLIPPING_NORM: 0.5}), None, train)
     unclipped = central_clipping(message({}), None, train)
+    unchanged = central_clipping(message({CLIPPING_NORM: 0.5}), None, declined)  # Flower's mod would divide by 0
     state = lambda m: {k: a.numpy() for k, a in m.content["arrays"].items()}  # noqa: E731
     assert update_norm(SENT, state(clipped)) == pytest.approx(0.5, rel=1e-5)
     assert update_norm(SENT, state(unclipped)) == pytest.approx(3.0)
+    assert not unchanged.has_error() and update_norm(SENT, state(unchanged)) == 0.0
 
 
 def test_central_dp_needs_a_uniform_average() -> None:
@@ -150,19 +179,37 @@ def test_the_audit_recomputes_the_central_record_and_catches_a_wrong_epsilon(tmp
     assert row.site == CENTRAL_SITE and row.total_steps == 3 and row.epsilon_recomputed == pytest.approx(central.epsilon(), rel=0.01)
     findings = audit_ledger(tmp_path / "edited.jsonl").findings
     assert [f.kind for f in findings] == ["mismatch"] and "recomputed by opacus-rdp" in findings[0].message
+    amplified = PrivacyLedger(tmp_path / "amplified.jsonl")
+    amplified.append_round(1, [{**central.ledger_record(1, released=True), "sample_rate": 0.5}])
+    assert "claims no amplification" in audit_ledger(tmp_path / "amplified.jsonl").findings[0].message
 
 
-def test_a_resumed_run_goes_on_from_the_releases_its_ledger_holds(tmp_path) -> None:
-    central = _central(sites=4, rounds=5)
+def test_a_resumed_run_keeps_its_mechanism_and_every_release_even_one_the_ledger_missed(tmp_path) -> None:
+    state = tmp_path / "central_privacy.json"
+    central = plan_central(DPConfig(central="server-side"), sites=4, rounds=5, state_path=state)
     event = GaussianPrivacyEvent(noise_multiplier=central.noise_multiplier, sample_size=4, population_size=4)
     ledger = PrivacyLedger(tmp_path / LEDGER_FILE)
-    for server_round, released in ((1, True), (2, False), (3, True)):
-        if released:
-            central.accountant.compose(event)
-        ledger.append_round(server_round, [central.ledger_record(server_round, released=released)])
-    assert released_rounds(read_ledger(tmp_path / LEDGER_FILE)) == 2
-    resumed = plan_central(DPConfig(central="server-side"), sites=4, rounds=5, released=2)
-    assert resumed.noise_multiplier == central.noise_multiplier and resumed.epsilon() == pytest.approx(central.epsilon())
+    central.accountant.compose(event)
+    central.save()
+    ledger.append_round(1, [central.ledger_record(1, released=True)])
+    central.accountant.compose(event)
+    central.save()  # round 2's model has left the server; the server dies before its ledger round
+    # resumed with more sites connected: the mechanism is the one the releases were made with
+    resumed = plan_central(DPConfig(central="server-side"), sites=4, connected=40, rounds=5, state_path=state)
+    assert (resumed.noise_multiplier, resumed.delta, resumed.releases) == (central.noise_multiplier, central.delta, 2)
+    resumed.accountant.compose(event)  # round 2 again
+    ledger.append_round(2, [resumed.ledger_record(2, released=True)])
+    record = read_ledger(tmp_path / LEDGER_FILE)[-2]
+    assert (record["steps"], record["unreported_steps"], record["total_steps"]) == (1, 1, 3)  # the lost one, composed
+    report = audit_ledger(tmp_path / LEDGER_FILE)
+    assert report.ok, report.findings
+    assert report.sites[0].epsilon_recomputed == pytest.approx(resumed.epsilon(), rel=0.01)
+    with pytest.raises(ConfigError, match="sampled 4 sites a round when it started, and would sample 5 now"):
+        plan_central(DPConfig(central="server-side"), sites=5, rounds=5, state_path=state)
+
+
+def test_the_default_central_delta_counts_every_connected_site() -> None:
+    assert plan_central(DPConfig(central="server-side"), sites=10, connected=1000, rounds=2).delta == pytest.approx(1e-4)
 
 
 def _simulate(tiny_backbone: str, out, **flat):
