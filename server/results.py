@@ -67,6 +67,11 @@ class RunResults:
             f"ndcg@10 {shown.get('ndcg@10', float('nan')):.4f}, explore@20 {shown.get('explore_recall@20', float('nan')):.4f} "
             f"({row['wall_seconds']:.1f}s)"
         )
+        central = entry.get("central")
+        if central is not None:
+            self.log(f"  central DP: {'released' if central['steps'] else 'not released'}, ε {central['epsilon']:.4g} "
+                     f"of {central['budget_epsilon']:g} spent; {entry.get('zero_updates', 0)} of {central['users']} "
+                     "sampled sites counted as zero updates")
         for failure in row["failures"]:
             self.log(f"  site {failure['site']} failed ({failure['phase']}): {failure['reason']}")
         for rejected in row["rejected"]:

@@ -144,9 +144,10 @@ class RecordingStrategy(Strategy):
         if not sent:  # the budget (or the sites connected) did not allow the round
             return None, None
         usable = {m.metadata.reply_to_message_id: m for m in kept}
-        contributions = []
+        contributions, zero_updates = [], 0
         for message in sent:
             reply = usable.get(message.metadata.message_id)
+            zero_updates += reply is None
             # in the order sent (Flower's clipping pairs arrays by position); a zero update without a usable reply
             state = {k: reply.content["arrays"][k].numpy() if reply is not None else v for k, v in sent_state.items()}
             state = _nonzero(state, sent_state) if self.central.mode == "server-side" else \
@@ -161,7 +162,7 @@ class RecordingStrategy(Strategy):
         if released:
             self.central.save()
         entry["central"] = self.central.ledger_record(server_round, released=released)
-        entry["zero_updates"] = len(sent) - len(usable)
+        entry["zero_updates"] = zero_updates
         metrics = aggregate_site_metrics([m.content for m in kept], "num-examples") if kept else None
         return (arrays if released else None), metrics
 
