@@ -110,13 +110,16 @@ def central_noise(rounds: int, *, sites: int, delta: float, target_epsilon: floa
 
 
 def plan_central(dp: DPConfig, *, sites: int, connected: int | None = None, rounds: int,
-                 state_path: Path | None = None) -> CentralPrivacy:
+                 state_path: Path | None = None, ledger_records: list[dict] = ()) -> CentralPrivacy:
     """The federation's mechanism for n sampled sites (δ by default 1 / (10 × the connected sites)).
 
-    A run that already released (its state file exists: a resumed run) keeps its mechanism and its
-    spend; it must sample as many sites as it did, as its σ was set for them.
+    A run that already released (a resumed run: its state file, or else its ledger's last central
+    record) keeps its mechanism and its spend, the larger of the two counts; it must sample as many
+    sites as it did, as its σ was set for them.
     """
     saved = _read_state(state_path) if state_path is not None and state_path.exists() else None
+    saved = _with_ledger(saved, [r for r in ledger_records if r["kind"] == "site-round" and r["site"] == CENTRAL_SITE],
+                         state_path)
     if saved is not None:
         if saved["sites"] != sites:
             raise ConfigError(f"central DP: the run sampled {saved['sites']} sites a round when it started, and would "
@@ -134,6 +137,23 @@ def plan_central(dp: DPConfig, *, sites: int, connected: int | None = None, roun
     return CentralPrivacy(mode=dp.central, sites=sites, noise_multiplier=sigma, clip_norm=dp.central_clip_norm,
                           delta=delta, budget_epsilon=dp.central_target_epsilon, accountant=accountant,
                           state_path=state_path)
+
+
+def _with_ledger(saved: dict | None, central: list[dict], path: Path | None) -> dict | None:
+    """The saved state checked against the ledger's last central record (or rebuilt from it when
+    the state file is gone): a lost file must not give the run a new budget."""
+    if not central:
+        return saved
+    last = central[-1]
+    recorded = {"sites": int(last["users"]), "noise_multiplier": float(last["noise_multiplier"]),
+                "delta": float(last["delta"]), "releases": int(last["total_steps"])}
+    if saved is None:
+        return recorded
+    if any(saved[k] != recorded[k] for k in ("sites", "noise_multiplier", "delta")):
+        raise DataError(f"{path}: central DP's saved mechanism (σ {saved['noise_multiplier']:g}, δ {saved['delta']:g}, "
+                        f"{saved['sites']} sites) is not the ledger's (σ {recorded['noise_multiplier']:g}, δ "
+                        f"{recorded['delta']:g}, {recorded['sites']} sites); restore the run's own files before resuming")
+    return {**saved, "releases": max(saved["releases"], recorded["releases"])}
 
 
 def _read_state(path: Path) -> dict:

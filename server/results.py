@@ -69,9 +69,10 @@ class RunResults:
         )
         central = entry.get("central")
         if central is not None:
+            zeros = f"; {entry['zero_updates']} of {central['users']} sampled sites counted as zero updates" \
+                if "zero_updates" in entry else ""
             self.log(f"  central DP: {'released' if central['steps'] else 'not released'}, ε {central['epsilon']:.4g} "
-                     f"of {central['budget_epsilon']:g} spent; {entry.get('zero_updates', 0)} of {central['users']} "
-                     "sampled sites counted as zero updates")
+                     f"of {central['budget_epsilon']:g} spent{zeros}")
         for failure in row["failures"]:
             self.log(f"  site {failure['site']} failed ({failure['phase']}): {failure['reason']}")
         for rejected in row["rejected"]:

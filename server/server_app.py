@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from hiermodel.run_config import RunConfig
 from server.central_privacy import CentralPrivacy, check_strategy, plan_central, sampled_sites
 from server.global_model import GlobalModel
+from server.ledger import LEDGER_FILE, read_ledger
 from server.results import RunResults
 from server.resume import ResumePoint, describe, find_resume_point
 from server.run_directory import CENTRAL_PRIVACY_FILE, RunDirectory
@@ -35,8 +36,10 @@ def _central_privacy(grid: Grid, config: RunConfig, run_dir: RunDirectory) -> Ce
     continues with the mechanism and the spend it saved."""
     check_strategy(config.fed)
     sites, connected = sampled_sites(grid, config.fed)
+    ledger = run_dir.folder / LEDGER_FILE
     return plan_central(config.dp, sites=sites, connected=connected, rounds=config.fed.rounds,
-                        state_path=run_dir.folder / CENTRAL_PRIVACY_FILE)
+                        state_path=run_dir.folder / CENTRAL_PRIVACY_FILE,
+                        ledger_records=read_ledger(ledger) if config.fed.resume and ledger.exists() else [])
 
 
 def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> dict:

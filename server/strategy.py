@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Iterable
@@ -120,14 +119,15 @@ class RecordingStrategy(Strategy):
         replies = list(replies)
         entry = self.round_log.entry(server_round)
         entry["replies_received"] = time.time()
-        kept = self._same_metric_keys([m for m in self._usable(replies, entry, phase="train") if self._valid(m, entry)], entry)
+        valid = [m for m in self._usable(replies, entry, phase="train") if self._valid(m, entry)]
         started = time.perf_counter()
         if self.central is not None:  # until the release is made: none
             entry["central"] = self.central.ledger_record(server_round, released=False)
         try:
             if self.central is not None:
-                arrays, metrics = self._release(server_round, kept, entry)
+                arrays, metrics = self._release(server_round, valid, entry)
             else:
+                kept = self._same_metric_keys(valid, entry, reject=True)
                 arrays, metrics = self.strategy.aggregate_train(server_round, kept) if kept else (None, None)
         except Exception as exc:  # noqa: BLE001 - replies Flower cannot combine must not end the run
             entry["failures"].append({"node": "server", "phase": "aggregate", "reason": f"round not aggregated: {exc}"[:300]})
@@ -137,13 +137,14 @@ class RecordingStrategy(Strategy):
         entry["train"] = dict(metrics) if metrics else {}
         return arrays, metrics
 
-    def _release(self, server_round: int, kept: list[Message], entry: dict):
+    def _release(self, server_round: int, valid: list[Message], entry: dict):
         """Flower's wrapper clips (server-side), averages every sampled site's contribution uniformly,
-        adds the noise and composes the release; the spend is saved before the model leaves."""
+        adds the noise and composes the release; the spend is saved before the model leaves. Every
+        valid update goes into the release; odd metric keys only keep a site's metrics out."""
         sent_state, sent = entry["sent_state"], entry["sent"]
         if not sent:  # the budget (or the sites connected) did not allow the round
             return None, None
-        usable = {m.metadata.reply_to_message_id: m for m in kept}
+        usable = {m.metadata.reply_to_message_id: m for m in valid}
         contributions, zero_updates = [], 0
         for message in sent:
             reply = usable.get(message.metadata.message_id)
@@ -163,7 +164,8 @@ class RecordingStrategy(Strategy):
             self.central.save()
         entry["central"] = self.central.ledger_record(server_round, released=released)
         entry["zero_updates"] = zero_updates
-        metrics = aggregate_site_metrics([m.content for m in kept], "num-examples") if kept else None
+        reported = self._same_metric_keys(valid, entry, reject=False)
+        metrics = aggregate_site_metrics([m.content for m in reported], "num-examples") if reported else None
         return (arrays if released else None), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -210,41 +212,57 @@ class RecordingStrategy(Strategy):
         return kept
 
     @staticmethod
-    def _same_metric_keys(replies: list[Message], entry: dict) -> list[Message]:
-        """Flower aggregates metrics only when every reply has the same keys: keep the replies with
-        the keys most sites sent, reject the others (one site's odd metrics must not stop a round)."""
+    def _same_metric_keys(replies: list[Message], entry: dict, *, reject: bool) -> list[Message]:
+        """Flower aggregates metrics only when every reply has the same keys: the replies with the
+        keys most sites sent (ties broken by the keys themselves); the others are rejected (one
+        site's odd metrics must not stop a round), or with ``reject=False`` only left out of the metrics."""
         if not replies:
             return replies
-        keys = [frozenset(m.content["metrics"].keys()) for m in replies]
-        common = max(set(keys), key=keys.count)
+        keys = [tuple(sorted(m.content["metrics"].keys())) for m in replies]
+        common = max(sorted(set(keys)), key=keys.count)
         for m, k in zip(replies, keys):
             if k != common:
-                _reject(entry, m, f"metric keys differ from the other sites': {', '.join(sorted(k ^ common))[:200]}")
+                differ = ", ".join(sorted(set(k) ^ set(common)))[:200]
+                if reject:
+                    _reject(entry, m, f"metric keys differ from the other sites': {differ}")
+                else:
+                    entry.setdefault("metrics_left_out", []).append({"node": str(m.metadata.src_node_id), "keys": differ})
         return [m for m, k in zip(replies, keys) if k == common]
 
     def _valid(self, reply: Message, entry: dict) -> bool:
         """Whether the reply's update may be aggregated; a rejected one is recorded with its reason."""
         received = {k: a.numpy() for k, a in reply.content["arrays"].items()}  # its shape was checked in _usable
-        bound = self.max_update_norm
-        if self.central is not None and self.central.mode == "client-side":  # the sites say they clipped: check it
-            bound = min(bound or math.inf, self.central.clip_norm * (1 + CLIP_SLACK))
-        problem = update_problem(entry["sent_state"], received, reply.content["metrics"], max_update_norm=bound)
+        bound, name = self.max_update_norm, "fed.max-update-norm"
+        clipped = self.central.clip_norm * (1 + CLIP_SLACK) if self.central is not None and self.central.mode == "client-side" else 0
+        if clipped and not 0 < bound <= clipped:  # the sites say they clipped: check it
+            bound, name = clipped, "dp.central-clip-norm (the site did not clip its update)"
+        problem = update_problem(entry["sent_state"], received, reply.content["metrics"], max_update_norm=bound,
+                                 bound_name=name)
         if problem:
             _reject(entry, reply, problem)
         return problem is None
 
 
 def _nonzero(state: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A zero update moved by 1e-6 in one value: Flower's server-side clipping divides by the
-    update's norm (ZeroDivisionError at 0 in Flower 1.42). Fixed and data-free, far below the
-    round's noise (σ·C / n per value)."""
-    if any(not np.array_equal(state[k], v) for k, v in sent.items()):
+    """An update whose norm is 0 in float32 (a zero update, or one of values below 1e-23), as the
+    sent state moved by 1e-6 in one value: Flower's server-side clipping divides by the update's
+    norm (ZeroDivisionError at 0 in Flower 1.42). Fixed and data-free, far below the noise."""
+    if _float32_norm(state, sent) > 0:
         return state
     key = next(k for k, v in sent.items() if v.size and np.issubdtype(v.dtype, np.floating))
     nudged = sent[key].copy()
     i = int(np.argmin(np.abs(nudged)))
-    nudged.flat[i] += 1e-6  # representable beside a value below 1 in magnitude (float32)
-    return {**state, key: nudged}
+    value = nudged.flat[i]
+    moved = value + nudged.dtype.type(1e-6)
+    nudged.flat[i] = moved if moved != value else np.nextafter(value, np.inf)  # 1e-6 is below a large value's step
+    nudged_state = {**sent, key: nudged}
+    assert _float32_norm(nudged_state, sent) > 0
+    return nudged_state
+
+
+def _float32_norm(state: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:
+    """The update's norm as Flower's clipping computes it (per array, in the arrays' dtype)."""
+    return float(np.sqrt(sum(np.linalg.norm(np.subtract(state[k], sent[k]).flat) ** 2 for k in sent)))
 
 
 def _within(state: dict[str, np.ndarray], sent: dict[str, np.ndarray], clip_norm: float) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ def update_problem(
     metrics: Mapping[str, object],
     *,
     max_update_norm: float = 0.0,
+    bound_name: str = "fed.max-update-norm",
 ) -> str | None:
     """Why the reply must not be aggregated, or None when it may."""
     missing, extra = sorted(set(sent) - set(received)), sorted(set(received) - set(sent))
@@ -37,7 +38,7 @@ def update_problem(
     if max_update_norm > 0:
         norm = update_norm(sent, received)
         if norm > max_update_norm:
-            return f"update norm {norm:.4g} is above the bound fed.max-update-norm = {max_update_norm:g}"
+            return f"update norm {norm:.4g} is above the bound {bound_name} = {max_update_norm:g}"
     return None
 
 

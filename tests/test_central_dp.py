@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.serverapp import GaussianPrivacyEvent
 
 from client.client_app import CLIPPING_NORM, central_clipping
-from hiermodel.errors import ConfigError
+from hiermodel.errors import ConfigError, DataError
 from hiermodel.privacy import DPConfig
 from hiermodel.run_config import FedConfig, RunConfig
 from server.audit import audit_ledger, epsilon_series
@@ -107,6 +107,20 @@ def test_the_central_budget_stops_the_rounds_before_it_is_overspent() -> None:
     assert "central DP: round not run" in log.rounds[3]["failures"][0]["reason"]
 
 
+def test_a_site_with_odd_metric_keys_still_counts_in_the_release_and_a_tiny_update_is_no_zero_division() -> None:
+    log = RoundLog()
+    central = _central(central_noise_multiplier=1e-3, central_target_epsilon=1e9)
+    strategy = build_strategy(FedConfig(), log, central=central)
+    send_round(strategy, 1, SENT, nodes=[1, 2, 3])
+    odd = train_reply(2, _moved(0.3))
+    odd.content["metrics"]["extra"] = 1.0
+    tiny = train_reply(3, {**SENT, "a": np.array([1e-30, 0, 0], np.float32)})  # its float32 norm is 0
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(1, _moved(0.6)), odd, tiny])
+    np.testing.assert_allclose(arrays["a"].numpy(), [0.9 / 3, 0.0, 0.0], atol=2e-3)
+    assert log.rounds[1]["zero_updates"] == 0 and not log.rounds[1].get("rejected") and "extra" not in metrics
+    assert log.rounds[1]["metrics_left_out"][0]["keys"] == "extra"
+
+
 def test_a_round_sampling_other_sites_than_planned_is_not_run() -> None:
     log = RoundLog()
     central = _central(sites=3)
@@ -127,7 +141,7 @@ def test_client_side_mode_takes_an_update_the_site_did_not_clip_as_a_zero_update
     replies = [train_reply(1, _moved(1.00005)), train_reply(2, _moved(0.2)), train_reply(3, _moved(5.0))]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["a"].numpy(), [1.2 / 3, 0.0, 0.0], atol=2e-3)
-    assert "update norm 5 is above the bound" in log.rounds[1]["rejected"][0]["reason"]
+    assert "update norm 5 is above the bound dp.central-clip-norm (the site did not clip" in log.rounds[1]["rejected"][0]["reason"]
     assert log.rounds[1]["zero_updates"] == 1
 
 
@@ -206,6 +220,15 @@ def test_a_resumed_run_keeps_its_mechanism_and_every_release_even_one_the_ledger
     assert report.sites[0].epsilon_recomputed == pytest.approx(resumed.epsilon(), rel=0.01)
     with pytest.raises(ConfigError, match="sampled 4 sites a round when it started, and would sample 5 now"):
         plan_central(DPConfig(central="server-side"), sites=5, rounds=5, state_path=state)
+    # the state file lost: the ledger's last central record stands in for it, never a new budget
+    state.unlink()
+    records = read_ledger(tmp_path / LEDGER_FILE)
+    rebuilt = plan_central(DPConfig(central="server-side"), sites=4, rounds=5, state_path=state, ledger_records=records)
+    assert (rebuilt.noise_multiplier, rebuilt.releases) == (central.noise_multiplier, 3)
+    resumed.save()
+    with pytest.raises(DataError, match="is not the ledger's"):
+        plan_central(DPConfig(central="server-side"), sites=4, rounds=5, state_path=state,
+                     ledger_records=[{**r, "noise_multiplier": 9.0} for r in records])
 
 
 def test_the_default_central_delta_counts_every_connected_site() -> None:
