@@ -64,7 +64,7 @@ class DPConfig:
     # each site's whole update is clipped to central-clip-norm, the uniform average gets Gaussian noise
     central: str = "off"  # off | server-side (the server clips) | client-side (each site clips)
     central_target_epsilon: float = 8.0  # the federation's budget over fed.rounds, a whole site as the unit
-    central_target_delta: float = 0.0  # 0: 1 / (10 × the sites sampled each round)
+    central_target_delta: float = 0.0  # 0: 1 / (10 × the sites connected when the run starts)
     central_noise_multiplier: float = 0.0  # 0: calibrated so fed.rounds releases spend central-target-epsilon
     central_clip_norm: float = 1.0
 

@@ -113,7 +113,7 @@ LIMITS: dict[str, tuple] = {
     "dp.central-target-epsilon": _POSITIVE,
     "dp.central-clip-norm": _POSITIVE,
     "dp.central-noise-multiplier": _at_least(0),
-    "dp.central-target-delta": ((lambda v: 0 <= v < 1), "in [0, 1) (0: 1 / (10 × the sites))"),
+    "dp.central-target-delta": ((lambda v: 0 <= v < 1), "in [0, 1) (0: 1 / (10 × the sites connected))"),
 }
 
 
@@ -193,7 +193,7 @@ class FedConfig:
     malicious_sites: int = 1  # krum / bulyan: how many poisoned sites to tolerate
     max_update_norm: float = 0.0  # reject a site whose update (its state - the global one) is longer; 0: no bound
     # the sites' learning rate falls by a cosine from train.lr in round 1 to lr-final × train.lr in the
-    # last planned round (1: constant); under DP it lowers the noise floor the model settles at
+    # last planned round (1: constant)
     lr_final: float = 1.0
     personal_lambda: bool = False  # keep the combiner λ local to each site
     evaluate_split: str = "validation"  # what sites report in federated evaluation: validation | test
