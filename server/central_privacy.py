@@ -162,8 +162,8 @@ def _read_state(path: Path) -> dict:
         return {"sites": int(state["sites"]), "noise_multiplier": float(state["noise_multiplier"]),
                 "delta": float(state["delta"]), "releases": int(state["releases"])}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: central DP's saved spend is unreadable ({exc}); restore it from a backup before "
-                        "resuming (without it the run's spend is unknown)") from None
+        raise DataError(f"{path}: central DP's saved spend is unreadable ({exc}); restore it, or remove it to resume "
+                        "from the ledger's last central record (a release made after that record is then lost)") from None
 
 
 def wrap(strategy: FedAvg, central: CentralPrivacy):
