@@ -109,7 +109,6 @@ LIMITS: dict[str, tuple] = {
     "dp.popularity-weeks": _at_least(0),
     "dp.negatives": _one_of("catalogue", "sampled"),
     "dp.popularity-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: no popularity features under DP)"),
-    "dp.central": _one_of("off", "server-side", "client-side"),
     "dp.central-target-epsilon": _POSITIVE,
     "dp.central-clip-norm": _POSITIVE,
     "dp.central-noise-multiplier": _at_least(0),

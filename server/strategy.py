@@ -283,7 +283,7 @@ def _reject(entry: dict, reply: Message, reason: str) -> None:
     entry["clients"][node]["rejected"] = reason
 
 
-SITE_ONLY_METRICS = ("site-index", AGGREGATION_WEIGHT)
+SITE_ONLY_METRICS = ("site-index", "num-examples", AGGREGATION_WEIGHT)  # a site's index and its weights
 CLIP_SLACK = 1e-4  # float32 rounding of an update clipped to exactly C
 
 
