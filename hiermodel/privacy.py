@@ -79,10 +79,15 @@ class DPConfig:
             raise ConfigError(f"dp.popularity-share must be in [0, 1) (0: no popularity features), got {self.popularity_share}")
         if self.central not in CENTRAL_MODES:
             raise ConfigError(f"unknown dp.central {self.central!r}; valid: {', '.join(CENTRAL_MODES)}")
-        if self.central != "off" and not (self.central_target_epsilon > 0 and self.central_clip_norm > 0
-                                          and self.central_noise_multiplier >= 0 and 0 <= self.central_target_delta < 1):
-            raise ConfigError("dp.central needs dp.central-target-epsilon > 0, dp.central-clip-norm > 0, "
-                              "dp.central-noise-multiplier >= 0 and 0 <= dp.central-target-delta < 1")
+        if self.central != "off":
+            for key, value, valid, what in (
+                ("central-target-epsilon", self.central_target_epsilon, self.central_target_epsilon > 0, "> 0"),
+                ("central-clip-norm", self.central_clip_norm, self.central_clip_norm > 0, "> 0"),
+                ("central-noise-multiplier", self.central_noise_multiplier, self.central_noise_multiplier >= 0, ">= 0"),
+                ("central-target-delta", self.central_target_delta, 0 <= self.central_target_delta < 1, "in [0, 1)"),
+            ):
+                if not valid:
+                    raise ConfigError(f"dp.{key} must be {what} under dp.central={self.central}, got {value}")
 
     @property
     def ledgered(self) -> bool:
