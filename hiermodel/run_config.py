@@ -213,6 +213,13 @@ class FedConfig:
             raise ConfigError(f"fed.evaluate-split must be validation or test, got {self.evaluate_split!r}")
 
 
+def check_central_dp_strategy(fed: FedConfig) -> None:
+    """Flower's accounted central DP wrappers need a strategy that averages the sites' updates uniformly."""
+    if fed.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"dp.central needs fed.strategy fedavg or fedprox (Flower's accounted central DP averages "
+                          f"the sites' updates uniformly), got {fed.strategy!r}")
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Every setting of a run, typed: what the flat Flower run config (`group.key = value`) holds."""
@@ -240,11 +247,14 @@ class RunConfig:
         if dp.enabled and model.use_popularity and not dp.popularity_share:
             # plain popularity counts every user of a site: under DP only its DP release may be used
             model = dataclasses.replace(model, use_popularity=False)
+        fed = apply_group(FedConfig(), "fed", flat)
+        if dp.central != "off":
+            check_central_dp_strategy(fed)
         return cls(
             data=apply_group(DataConfig(), "data", flat),
             model=model,
             train=apply_group(TrainConfig(), "train", flat),
-            fed=apply_group(FedConfig(), "fed", flat),
+            fed=fed,
             dp=dp,
         )
 

@@ -174,12 +174,6 @@ def wrap(strategy: FedAvg, central: CentralPrivacy):
                                    accountant=central.accountant)
 
 
-def check_strategy(fed: FedConfig) -> None:
-    if fed.strategy not in ("fedavg", "fedprox"):
-        raise ConfigError(f"dp.central needs fed.strategy fedavg or fedprox (Flower's accounted central DP averages "
-                          f"the sites' updates uniformly), got {fed.strategy!r}")
-
-
 def sampled_sites(grid: Grid, fed: FedConfig) -> tuple[int, int]:
     """(n, N): the sites FedAvg samples each round (as its configure_train counts them) and the sites
     connected, once fed.min-nodes are; the noise is set for n, so n must not change."""

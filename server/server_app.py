@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hiermodel.run_config import RunConfig
-from server.central_privacy import CentralPrivacy, check_strategy, plan_central, sampled_sites
+from server.central_privacy import CentralPrivacy, plan_central, sampled_sites
 from server.global_model import GlobalModel
 from server.ledger import LEDGER_FILE, read_ledger
 from server.results import RunResults
@@ -34,7 +34,6 @@ def main(grid: Grid, context: Context) -> None:
 def _central_privacy(grid: Grid, config: RunConfig, run_dir: RunDirectory) -> CentralPrivacy:
     """The federation's central DP mechanism for the sites sampled each round; a resumed run
     continues with the mechanism and the spend it saved."""
-    check_strategy(config.fed)
     sites, connected = sampled_sites(grid, config.fed)
     ledger = run_dir.folder / LEDGER_FILE
     return plan_central(config.dp, sites=sites, connected=connected, rounds=config.fed.rounds,

@@ -13,8 +13,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from hiermodel.errors import ConfigError
-from hiermodel.run_config import FedConfig
-from server.central_privacy import AGGREGATION_WEIGHT, CentralPrivacy, check_strategy, wrap
+from hiermodel.run_config import FedConfig, check_central_dp_strategy
+from server.central_privacy import AGGREGATION_WEIGHT, CentralPrivacy, wrap
 from server.update_validation import update_norm, update_problem
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "bulyan")
@@ -301,7 +301,7 @@ def build_strategy(fed: FedConfig, round_log: RoundLog, *, central: CentralPriva
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {fed.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if central is not None:
-        check_strategy(fed)
+        check_central_dp_strategy(fed)
     common = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,

@@ -176,6 +176,8 @@ def test_central_dp_needs_a_uniform_average() -> None:
         build_strategy(FedConfig(strategy="fedmedian"), RoundLog(), central=_central())
     with pytest.raises(ConfigError, match="unknown dp.central 'both'"):
         RunConfig.from_flat({"dp.central": "both"})
+    with pytest.raises(ConfigError, match="dp.central needs fed.strategy fedavg or fedprox"):  # before anything runs
+        RunConfig.from_flat({"dp.central": "server-side", "fed.strategy": "krum"})
 
 
 def test_the_audit_recomputes_the_central_record_and_catches_a_wrong_epsilon(tmp_path) -> None:
