@@ -5,7 +5,9 @@ blank it): log1p(count), share of history baskets, log1p(decayed count), 1/(1+ba
 log1p(days since last)/6, in-history flag; then popularity: log1p(training baskets with the item)
 and log1p(baskets with it in the 30 days before the target), each normalised (a private site reads
 both from its DP release instead: hiermodel.private_popularity); then user features:
-log1p(history baskets)/5, log1p(days since last basket)/6, log1p(distinct items)/6, log1p(mean basket size)/4.
+log1p(history baskets)/5, log1p(days since last basket)/6, log1p(distinct items)/6, log1p(mean basket size)/4;
+last, with model.text-similarity on: the candidate's zero-shot cosine to the history in the
+frozen backbone's space (hiermodel.text_similarity), a text signal with no trainable values.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from hiermodel.data.split import Example, train_popularity
 from hiermodel.encoding_cache import ItemEncodings
 from hiermodel.history import HistoryStats, user_history
 from hiermodel.model import HierModelConfig
+from hiermodel.text_similarity import history_vectors, unit_rows
 
 NUM_REPEAT_FEATURES = 6
 NUM_USER_FEATURES = 4
 NUM_POPULARITY_FEATURES = 2
-NUM_FEATURES = NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES + NUM_USER_FEATURES
+NUM_FEATURES = NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES + NUM_USER_FEATURES + 1  # + the text similarity
 RECENT_DAYS = 30.0
 MAX_TIME_BINS = 1024
 NEGATIVE_MODES = ("sampled", "catalogue")
@@ -87,6 +90,8 @@ class FeatureBuilder:
             popularity = PlainPopularity(dataset, popularity)
         self.set_popularity(popularity)
         self.topics = self._topic_index(config.topic_label)
+        self.num_features = num_features(config)
+        self.unit_items = unit_rows(encodings.sentence.float().numpy(), np.float32) if config.text_similarity else None
 
     def set_popularity(self, popularity: "Popularity") -> None:
         if popularity.num_items != self.dataset.num_items:
@@ -166,7 +171,7 @@ class FeatureBuilder:
 
     def _features(self, stats: HistoryStats, example: Example, candidates: np.ndarray) -> np.ndarray:
         """(C, F) features of the candidate items for one example."""
-        out = np.zeros((candidates.size, NUM_FEATURES), dtype=np.float32)
+        out = np.zeros((candidates.size, self.num_features), dtype=np.float32)
         if stats.items.size:
             pos = np.searchsorted(stats.items, candidates).clip(max=stats.items.size - 1)
             hit = stats.items[pos] == candidates
@@ -175,7 +180,11 @@ class FeatureBuilder:
             overall, recent = self.popularity.at(self.target_time(example))
             out[:, NUM_REPEAT_FEATURES] = overall[candidates]
             out[:, NUM_REPEAT_FEATURES + 1] = recent[candidates]
-        out[:, NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES :] = user_features(stats, self._mean_basket_size(example))
+        user_start = NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES
+        out[:, user_start : user_start + NUM_USER_FEATURES] = user_features(stats, self._mean_basket_size(example))
+        if self.unit_items is not None:
+            history = history_vectors([stats], self.unit_items)[0]
+            out[:, -1] = (self.unit_items @ history)[candidates]
         return out
 
     def _mean_basket_size(self, example: Example) -> float:
@@ -239,7 +248,7 @@ class FeatureBuilder:
         ids = np.zeros((b, width), dtype=np.int64)
         mask = np.zeros((b, width), dtype=bool)
         labels = np.zeros((b, width), dtype=np.float32)
-        features = np.zeros((b, width, NUM_FEATURES), dtype=np.float32)
+        features = np.zeros((b, width, self.num_features), dtype=np.float32)
         for row, (ex, cand, pos) in enumerate(zip(examples, lists, positives)):
             ids[row, : cand.size] = cand
             mask[row, : cand.size] = True
@@ -325,9 +334,14 @@ class RecentPopularity:
         return np.log1p(self.cumulative[end] - self.cumulative[begin]) / self.norm
 
 
+def num_features(config: HierModelConfig) -> int:
+    """Features per (user, candidate): NUM_FEATURES, or one fewer without the text similarity."""
+    return NUM_FEATURES if config.text_similarity else NUM_FEATURES - 1
+
+
 def feature_config(config: HierModelConfig) -> HierModelConfig:
     """The config with this module's feature sizes filled in."""
     config.num_repeat_features = NUM_REPEAT_FEATURES
-    config.num_features = NUM_FEATURES
+    config.num_features = num_features(config)
     config.stats_dim = NUM_REPEAT_FEATURES
     return config

@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 from hiermodel.data.dataset import Dataset
 from hiermodel.data.split import Example, train_popularity, train_targets_by_user
 from hiermodel.history import HistoryStats, example_histories
+from hiermodel.text_similarity import history_vectors, unit_rows
 
 # One OpenMP thread: on cores shared with other jobs, scikit-learn's spinning OpenMP workers made fitting
 # and scoring several times slower than a single thread (measured on the 2-core bench machine).
@@ -33,21 +34,6 @@ FEATURES = (
     "share_of_baskets",
     "days_since_last_basket",
 )
-
-
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-
-
-def user_vectors(histories: Sequence[HistoryStats], unit_items: np.ndarray) -> np.ndarray:
-    """(B, D) unit history vectors: the count-weighted mean of the history's unit item vectors (0 without history)."""
-    out = np.zeros((len(histories), unit_items.shape[1]), dtype=np.float64)
-    for row, h in enumerate(histories):
-        if h.items.size:
-            out[row] = h.count @ unit_items[h.items]
-    return _unit_rows(out)
 
 
 def candidate_features(
@@ -107,7 +93,7 @@ class GBDTReranker:
             raise ValueError("baseline 'gbdt' needs item_vectors (one row per catalogue item)")
         if len(item_vectors) != dataset.num_items:
             raise ValueError(f"GBDTReranker: {len(item_vectors)} item vectors for a catalogue of {dataset.num_items} items")
-        self.unit_items = _unit_rows(item_vectors)
+        self.unit_items = unit_rows(item_vectors)
         self.popularity = train_popularity(dataset, min_baskets=min_baskets)
         self.log_popularity = np.log1p(self.popularity)
         targets = train_targets_by_user(dataset, min_baskets=min_baskets)
@@ -140,7 +126,7 @@ class GBDTReranker:
         for start in range(0, len(examples), 512):
             batch = examples[start : start + 512]
             histories = example_histories(dataset, batch)
-            sims = user_vectors(histories, self.unit_items) @ self.unit_items.T  # (B, N)
+            sims = history_vectors(histories, self.unit_items) @ self.unit_items.T  # (B, N)
             for ex, h, sim in zip(batch, histories, sims):
                 target = np.unique(dataset.users[ex.user].baskets[ex.target].items)
                 # the target basket itself is among the training baskets popularity counts: take it out
@@ -157,7 +143,7 @@ class GBDTReranker:
         if len(self.unit_items) != dataset.num_items:
             raise ValueError(f"GBDTReranker: fitted on {len(self.unit_items)} items, the catalogue has {dataset.num_items}")
         histories = example_histories(dataset, examples)
-        sims = user_vectors(histories, self.unit_items) @ self.unit_items.T
+        sims = history_vectors(histories, self.unit_items) @ self.unit_items.T
         if self.model is None:
             return np.zeros((len(examples), dataset.num_items))
         everything = np.arange(dataset.num_items, dtype=np.int64)

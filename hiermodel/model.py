@@ -23,6 +23,10 @@ from hiermodel.losses import softmax_loss, topic_loss
 from hiermodel.scorer import Scorer
 
 LEVEL_NAMES = ("word", "sentence", "paragraph")
+# The few values that weigh the text interest against the repeat, popularity and similarity features.
+# Under DP they get a share of the clip norm of their own (dp.head-clip-share): otherwise the item
+# tower's gradient, most of a user's gradient norm, leaves them a sliver of it after clipping.
+HEAD_PREFIXES = ("combiner.", "scorer.wide.", "scorer.hidden.", "scorer.output.")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -45,12 +49,13 @@ class HierModelConfig:
     text_scale: float = 10.0
     use_repeat: bool = True
     use_popularity: bool = True  # item popularity pools every user of a site: under user-level DP, its DP release
+    text_similarity: bool = False  # the zero-shot backbone cosine of candidate and history as a wide feature
     level_loss_weight: float = 0.3
     num_topics: int = 0
     topic_label: str | None = None
     topic_loss_weight: float = 0.1
     num_repeat_features: int = 6
-    num_features: int = 11
+    num_features: int = 12  # feature_config sets it from the feature builder
     stats_dim: int = 6
     extra: dict = field(default_factory=dict)
 
@@ -156,6 +161,10 @@ class HierModel(nn.Module):
                 if tuple(tensor.shape) != tuple(params[name].shape):
                     raise ValueError(f"trainable state {name}: shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
                 params[name].copy_(tensor)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters named by HEAD_PREFIXES."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and n.startswith(HEAD_PREFIXES)]
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

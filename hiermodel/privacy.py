@@ -60,6 +60,10 @@ class DPConfig:
     # at most this many target baskets of a sampled user go into a step; with m of them, each is
     # clipped to max-grad-norm / m, so that the user's whole contribution stays within max-grad-norm
     baskets_per_user: int = 1
+    # the share of the clip norm's square kept for the model's head (HierModel.head_parameters): a user's
+    # gradient on the head is clipped to C·√share and on the rest to C·√(1 − share), so together it
+    # stays within C (the noise and the accounting are those of C); 0: one clip over all values
+    head_clip_share: float = 0.0
     # optional client-level central DP on top (Flower's fixed-clipping wrappers and RDP accountant):
     # each site's whole update is clipped to central-clip-norm, the uniform average gets Gaussian noise
     central: str = "off"  # off | server-side (the server clips) | client-side (each site clips)
@@ -75,6 +79,8 @@ class DPConfig:
             raise ConfigError(f"dp.target-epsilon must be positive, got {self.target_epsilon}")
         if self.max_grad_norm <= 0 or self.noise_multiplier < 0 or not 0 <= self.target_delta < 1:
             raise ConfigError("dp.max-grad-norm must be > 0, dp.noise-multiplier >= 0, 0 <= dp.target-delta < 1")
+        if not 0 <= self.head_clip_share < 1:
+            raise ConfigError(f"dp.head-clip-share must be in [0, 1) (0: one clip norm for all values), got {self.head_clip_share}")
         if not 0 <= self.popularity_share < 1:
             raise ConfigError(f"dp.popularity-share must be in [0, 1) (0: no popularity features), got {self.popularity_share}")
         if self.central not in CENTRAL_MODES:
@@ -110,6 +116,7 @@ class PrivacyPlan:
     history: list[list[float]] = field(default_factory=list)  # (σ, q, steps) per trained round
     release_noise_multiplier: float = 0.0  # σ of the popularity release; 0: the site releases none
     baskets_per_user: int = 1  # at most, per sampled user and step; m of them are each clipped to clip_norm / m
+    head_clip_share: float = 0.0  # of clip_norm², kept for the model's head (DPConfig.head_clip_share)
     popularity_release: dict | None = None  # the release (PopularityRelease.to_json), once made: used all run
 
     @property
@@ -216,16 +223,31 @@ def plan_privacy(
         users=num_users,
         release_noise_multiplier=release_sigma,
         baskets_per_user=dp.baskets_per_user,
+        head_clip_share=dp.head_clip_share,
     )
 
 
-def _clip_rows(dp_optimizer: DPOptimizer, bounds: torch.Tensor) -> None:
-    """Clip each row's per-sample gradient to its own bound, before the optimizer clips all rows to
-    C (then a no-op) and adds noise σ·C: a user's m rows, each within C / m, stay within C together."""
-    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in dp_optimizer.grad_samples], dim=1).norm(dim=1)
-    factor = (bounds / (norms + 1e-6)).clamp(max=1.0)
-    for p in dp_optimizer.params:
-        p.grad_sample = p.grad_sample * factor.view(-1, *([1] * (p.grad_sample.dim() - 1)))
+def _clip_groups(dp_optimizer: DPOptimizer, bounds: torch.Tensor, groups: list[tuple[set[int], float]]) -> None:
+    """Clip each row's per-sample gradient on each parameter group to bound·√share (the shares sum to
+    1), before the optimizer clips all rows to C (then a no-op) and adds noise σ·C: every row stays
+    within its bound, and a user's m rows, each within C / m, stay within C together."""
+    for members, share in groups:
+        params = [p for p in dp_optimizer.params if id(p) in members and p.grad_sample is not None]
+        if not params:
+            continue
+        norms = torch.stack([p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in params], dim=1).norm(dim=1)
+        factor = (bounds * math.sqrt(share) / (norms + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad_sample = p.grad_sample * factor.view(-1, *([1] * (p.grad_sample.dim() - 1)))
+
+
+def clip_groups(model: HierModel, head_share: float) -> list[tuple[set[int], float]]:
+    """The parameter groups of a plan's clipping: the head and the rest, or all values as one."""
+    everything = {id(p) for p in model.parameters() if p.requires_grad}
+    if not head_share:
+        return [(everything, 1.0)]
+    head = {id(p) for p in model.head_parameters()}
+    return [(head, head_share), (everything - head, 1.0 - head_share)]
 
 
 def private_round(
@@ -246,6 +268,7 @@ def private_round(
     proximal term): hooks only see per-sample terms, so a penalty added to the loss would be dropped.
     """
     users = np.fromiter(targets, dtype=np.int64)
+    groups = clip_groups(model, plan.head_clip_share)
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     dp_optimizer = DPOptimizer(
         optimizer,
@@ -271,9 +294,9 @@ def private_round(
                 out = module(history, candidates)
                 out.loss.backward()
                 losses.append(float(out.loss.detach()))
-                if plan.baskets_per_user > 1:
+                if plan.baskets_per_user > 1 or len(groups) > 1:
                     bounds = np.repeat([plan.clip_norm / len(b) for b in chosen], [len(b) for b in chosen])
-                    _clip_rows(dp_optimizer, torch.as_tensor(bounds, dtype=torch.float32))
+                    _clip_groups(dp_optimizer, torch.as_tensor(bounds, dtype=torch.float32), groups)
             else:  # nobody sampled: the step still adds noise, as the accountant assumes
                 for p in model.parameters():
                     if p.requires_grad:

@@ -106,6 +106,7 @@ LIMITS: dict[str, tuple] = {
     "fed.trim-beta": ((lambda v: 0 <= v < 0.5), "in [0, 0.5)"),
     "dp.random-negatives": _at_least(0),
     "dp.baskets-per-user": _at_least(1),
+    "dp.head-clip-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: one clip norm for all values)"),
     "dp.popularity-weeks": _at_least(0),
     "dp.negatives": _one_of("catalogue", "sampled"),
     "dp.popularity-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: no popularity features under DP)"),

@@ -264,7 +264,7 @@ def check_targets(report: dict) -> list[dict]:
         limit = ("under user-level DP the sites read popularity from a noisy weekly release and train on one target "
                  "basket per sampled user per step, each clipped" + (f"; σ {min(s[0] for s in sigma):.2f}–{max(s[1] for s in sigma):.2f}" if sigma else ""))
         if threshold is None:  # ε = 4: the issue sets no goal, only the ratio is shown
-            out.append({"name": f"DP ε=4 / non-DP", "goal": "DP ε = 4 (no goal; between ε = 8 and ε = 1)", "value": ratio,
+            out.append({"name": "DP ε=4 / non-DP", "goal": "DP ε = 4 (no goal; between ε = 8 and ε = 1)", "value": ratio,
                         "threshold": None, "met": None, "limit": "", "applies": True})
             continue
         add(f"DP ε={eps:g} / non-DP", f"DP ε = {eps:g} NDCG@10 ≥ {threshold} × federated non-DP", ratio, threshold, limit)

@@ -9,7 +9,7 @@ import torch
 
 from hiermodel.backbone import FrozenBackbone
 from hiermodel.encoding_cache import EncodingCache
-from hiermodel.errors import ConfigError, DataError
+from hiermodel.errors import ConfigError
 
 
 def test_backbone_is_frozen_and_drops_special_tokens(tiny_backbone: str) -> None:

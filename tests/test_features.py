@@ -25,12 +25,13 @@ def _encodings(n: int, dim: int = 4, tokens: int = 3) -> ItemEncodings:
     )
 
 
-def _builder(baskets: list[list[int]], n: int = 6) -> FeatureBuilder:
+def _builder(baskets: list[list[int]], n: int = 6, **config) -> FeatureBuilder:
     catalogue = Catalogue([f"i{i}" for i in range(n)], [f"item {i}" for i in range(n)])
     user = User("u", "s", [Basket(t * DAY, np.array(b, dtype=np.int64)) for t, b in enumerate(baskets)])
     other = User("v", "s", [Basket(0.5 * DAY, np.array([5])), Basket(9 * DAY, np.array([5]))])
     dataset = Dataset("t", catalogue, [user, other])
-    config = feature_config(HierModelConfig(backbone_dim=4, max_tokens=3, dim=4, max_history_items=4, max_baskets=2, max_basket_items=3))
+    config = feature_config(HierModelConfig(backbone_dim=4, max_tokens=3, dim=4, max_history_items=4, max_baskets=2, max_basket_items=3,
+                                            **config))
     return FeatureBuilder(dataset=dataset, encodings=_encodings(n), config=config)
 
 
@@ -48,7 +49,7 @@ def test_features_come_only_from_earlier_baskets() -> None:
     assert feats[2, 3] == pytest.approx(1.0)  # item 2: in the last basket
     # recent popularity counts baskets strictly before the target day: the other user's day-0 basket
     assert feats[5, NUM_REPEAT_FEATURES + 1] > 0 and feats[4, NUM_REPEAT_FEATURES + 1] == 0
-    assert feats.shape == (6, NUM_FEATURES)
+    assert feats.shape == (6, NUM_FEATURES - 1)  # the text similarity is off by default
 
 
 def test_history_keeps_the_most_recent_distinct_items_and_baskets() -> None:
@@ -72,3 +73,26 @@ def test_training_candidates_lead_with_positives_and_are_unique() -> None:
     assert full.mask.shape == (1, 6) and full.labels[0].tolist() == [0, 0, 0, 1, 1, 0]
     with pytest.raises(ValueError, match="negatives"):
         builder.training_batch([Example(0, 2)], rng=np.random.default_rng(0), negatives="nope")
+
+
+def test_text_similarity_is_the_zero_shot_baseline_and_only_there_when_asked() -> None:
+    from hiermodel.baselines import ZeroShotLM
+
+    builder = _builder([[0, 1], [1, 2], [3], [4]], text_similarity=True)
+    examples = [Example(0, 2), Example(0, 3), Example(1, 1)]
+    _, candidates = builder.ranking_batch(examples)
+    assert builder.config.num_features == NUM_FEATURES and candidates.features.shape[-1] == NUM_FEATURES
+    expected = ZeroShotLM(builder.encodings.sentence.float().numpy()).score(builder.dataset, examples)
+    np.testing.assert_allclose(candidates.features[..., -1].numpy(), expected, atol=1e-5)
+    # sampled candidates read the same values for their items
+    _, sampled = builder.training_batch(examples[:1], rng=np.random.default_rng(0), random_negatives=3)
+    ids = [int(np.flatnonzero((builder.encodings.sentence.float() == row).all(1))[0]) for row in sampled.sentence[0]]
+    mask = sampled.mask[0].numpy()
+    np.testing.assert_allclose(sampled.features[0, mask, -1].numpy(), expected[0, np.array(ids)[mask]], atol=1e-5)
+
+    off = feature_config(HierModelConfig(**{**builder.config.__dict__, "text_similarity": False}))
+    plain = FeatureBuilder(dataset=builder.dataset, encodings=builder.encodings, config=off)
+    _, without = plain.ranking_batch(examples)
+    assert off.num_features == NUM_FEATURES - 1 and without.features.shape[-1] == NUM_FEATURES - 1
+    np.testing.assert_array_equal(without.features.numpy(), candidates.features[..., :-1].numpy())
+

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hiermodel.data.split import Example, split_examples
+from hiermodel.data.split import split_examples
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import new_model
 from tests.helpers import prepared, toy_dataset

@@ -120,6 +120,39 @@ def test_a_users_several_baskets_together_stay_within_the_clip_norm(site: SiteTr
     assert noise[1] == pytest.approx(noise[0], rel=0.05)
 
 
+def test_the_heads_share_of_the_clip_norm_bounds_each_group_and_keeps_the_total(site: SiteTrainer) -> None:
+    user, baskets = next(iter(site.targets.items()))
+    start = site.model.trainable_state()
+    head = {n for n, p in site.model.named_parameters() if any(p is h for h in site.model.head_parameters())}
+    assert head and any(n.startswith("scorer.wide") for n in head) and not any("item_tower" in n for n in head)
+
+    def update(share: float, sigma: float = 0.0, k: int = 1) -> dict[str, np.ndarray]:
+        site.model.load_trainable_state(start)
+        plan = _plan(noise_multiplier=sigma, sample_rate=1.0, steps_per_round=1, clip_norm=1e-3, users=1,
+                     head_clip_share=share, baskets_per_user=k)
+        optimizer = torch.optim.SGD([p for p in site.model.parameters() if p.requires_grad], lr=1.0)
+        private_round(site.model, site.builder, plan=plan, optimizer=optimizer, targets={user: baskets},
+                      negatives="catalogue", random_negatives=5, rng=np.random.default_rng(0))
+        after = site.model.trainable_state()
+        return {n: after[n] - start[n] for n in start}
+
+    def norm(step: dict[str, np.ndarray], names) -> float:
+        return float(np.sqrt(sum(np.sum(step[n] ** 2) for n in names)))
+
+    rest = set(start) - head
+    flat, split = update(0.0), update(0.25)
+    # the only user, sampled: the step is their clipped gradient; the item tower dominates a flat clip
+    assert norm(flat, head) < 0.2 * norm(flat, rest)
+    assert 0 < norm(split, head) <= 1e-3 * 0.5 * (1 + 1e-4) and norm(split, head) > 2 * norm(flat, head)
+    assert 0 < norm(split, rest) <= 1e-3 * np.sqrt(0.75) * (1 + 1e-4)
+    assert norm(split, start) <= 1e-3 * (1 + 1e-4)
+    # several baskets of a user share the bound of each group, too
+    assert norm(update(0.25, k=2), head) <= 1e-3 * 0.5 * (1 + 1e-4)
+    # the noise is σ·C, whatever the split
+    noise = [norm({n: a[n] - b[n] for n in start}, start) for a, b in ((update(s, 1.0), update(s)) for s in (0.0, 0.25))]
+    assert noise[1] == pytest.approx(noise[0], rel=0.05)
+
+
 @pytest.mark.parametrize("negatives", ["catalogue", "sampled"])
 def test_per_sample_gradients_equal_each_users_own_gradient(site: SiteTrainer, negatives: str) -> None:
     """Opacus' per-user gradients (incl. the shared-catalogue item tower) equal one backward per user."""

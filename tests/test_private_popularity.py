@@ -18,7 +18,7 @@ from hiermodel.privacy import DPConfig, PrivacyPlan, composed_epsilon, plan_priv
 from hiermodel.site_trainer import SiteTrainer
 from hiermodel.training import TrainConfig
 from server.audit import audit_ledger
-from server.ledger import LEDGER_FILE, PrivacyLedger, read_ledger
+from server.ledger import LEDGER_FILE, PrivacyLedger
 from tests.helpers import toy_dataset
 
 
