@@ -17,7 +17,7 @@ class Recommendation:
     text: str
     score: float
     level_contributions: dict[str, float]  # the scorer's linear text term, split exactly over the levels
-    repeat_and_popularity: float  # the linear term of the repeat, popularity and user features
+    repeat_and_popularity: float  # the linear term of the repeat, popularity and user features (and the similarity, if on)
     interaction: float  # the MLP part (text × repeat interactions)
     times_bought: int
 

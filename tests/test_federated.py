@@ -75,6 +75,10 @@ def test_pyproject_app_config_is_the_typed_default() -> None:
     defaults = RunConfig.from_flat({}).to_flat()
     assert RunConfig.from_flat(flat).to_flat() == {**defaults, **{k: flat[k] for k in flat}}
     assert set(flat) <= set(defaults)
+    # every setting a user may give `flwr run --run-config` (Flower rejects keys the app does not
+    # declare); only the sizes that follow from the data and the backbone are left out
+    derived = {"model.backbone-dim", "model.num-features", "model.num-repeat-features", "model.stats-dim"}
+    assert set(defaults) - set(flat) == derived
 
 
 @pytest.mark.parametrize(
