@@ -64,14 +64,18 @@ def _batches(builder, settings: BenchSettings, count: int) -> list[list[Example]
     ]
 
 
-def _median_seconds(step, batches: list) -> float:
-    step(batches[0])  # warm-up: allocations, lazy imports
-    times = []
+def _median_seconds(steps: dict, batches: list) -> dict[str, float]:
+    """Median seconds per step of each pipeline, timed in turns on each batch, so that a change in the
+    machine's speed during the run (other jobs, clocks) reaches every pipeline alike."""
+    for step in steps.values():
+        step(batches[0])  # warm-up: allocations, lazy imports
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for batch in batches:
-        started = time.perf_counter()
-        step(batch)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(batch)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def speed_suite(settings: BenchSettings, *, log=print) -> dict:
@@ -94,9 +98,6 @@ def speed_suite(settings: BenchSettings, *, log=print) -> dict:
         model(history, candidates).loss.backward()
         optimizer.step()
 
-    cached = _median_seconds(cached_step, batches)
-    log(f"speed: cached non-DP step {cached * 1000:.0f} ms")
-
     from hiermodel.privacy import private_round
 
     dp_model, dp_optimizer = plain_model()
@@ -109,7 +110,9 @@ def speed_suite(settings: BenchSettings, *, log=print) -> dict:
         private_round(dp_model, builder, plan=plan, optimizer=dp_optimizer, targets={e.user: [e.target] for e in examples},
                       negatives=DPConfig().negatives, random_negatives=0, rng=rng)
 
-    dp = _median_seconds(dp_step, batches)
+    timed = _median_seconds({"cached": cached_step, "dp": dp_step}, batches)
+    cached, dp = timed["cached"], timed["dp"]
+    log(f"speed: cached non-DP step {cached * 1000:.0f} ms")
     log(f"speed: DP step {dp * 1000:.0f} ms ({dp / cached:.2f} × non-DP)")
 
     backbone = load_backbone(config.backbone, config.max_tokens)
@@ -127,7 +130,7 @@ def speed_suite(settings: BenchSettings, *, log=print) -> dict:
         model(history, candidates).loss.backward()
         optimizer.step()
 
-    naive = _median_seconds(naive_step, batches[: settings.naive_steps])
+    naive = _median_seconds({"naive": naive_step}, batches[: settings.naive_steps])["naive"]
     log(f"speed: naive step {naive:.2f} s ({naive / cached:.0f} × cached)")
 
     sample = texts[: settings.encode_items]
