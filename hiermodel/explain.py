@@ -40,14 +40,14 @@ def recommend(
     levels = model.levels(history)
     users = torch.stack([lv.user for lv in levels], dim=1)  # (1, L, d)
     z, lam = model.combiner(users)
-    items = model.scorer.item_vectors(candidates.sentence, 1)  # (1, N, d)
+    items = model.scorer.item_vectors(candidates.sentence, 1).reshape(-1, model.config.dim)  # (N, d)
     scorer = model.scorer
     cosine = scorer.text_scores(z.unsqueeze(1), items)[0, 0] / scorer.text_scale  # (N,)
     linear, interaction = (part[0] for part in scorer.parts(scorer.text_scale * cosine[None], candidates.features))
     wide_text = scorer.wide.weight[0, -1]
     scores = linear + interaction  # (N,)
     # w·cos(z, t) = Σ_l w·λ_l (z_l·t)/(|z||t|): an exact split of the linear text term over the levels
-    per_level = wide_text * lam[0, :, None] * (users[0] @ items[0].T) / z[0].norm().clamp(min=1e-12)
+    per_level = wide_text * lam[0, :, None] * (users[0] @ items.T) / z[0].norm().clamp(min=1e-12)
     top = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
     stats = builder.stats(example)
     counts = dict(zip(stats.items.tolist(), stats.count.tolist()))

@@ -115,7 +115,7 @@ class HierModel(nn.Module):
         levels = self.levels(history)
         users = torch.stack([lv.user for lv in levels], dim=1)  # (B, L, d)
         z, lam = self.combiner(users)  # (B, d), (B, L)
-        items = self.scorer.item_vectors(candidates.sentence, users.shape[0])  # (B, C, d)
+        items = self.scorer.item_vectors(candidates.sentence, users.shape[0])  # (B, C, d), or (C, d) for the shared catalogue
         level_scores = self.scorer.text_scores(users, items)  # (B, L, C)
         text = self.scorer.text_scores(z.unsqueeze(1), items)[:, 0]  # (B, C)
         features = candidates.features

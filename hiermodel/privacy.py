@@ -269,7 +269,9 @@ def private_round(
     """
     users = np.fromiter(targets, dtype=np.int64)
     groups = clip_groups(model, plan.head_clip_share)
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    # the hooks see the summed loss, so each per-sample gradient is its user's own and Opacus need not
+    # rescale every backprop by the batch size; the optimizer still averages (divides by the expected batch)
+    module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
@@ -292,7 +294,7 @@ def private_round(
                     examples, rng=rng, negatives=negatives, random_negatives=random_negatives, in_batch_negatives=0
                 )
                 out = module(history, candidates)
-                out.loss.backward()
+                out.per_user_loss.sum().backward()
                 losses.append(float(out.loss.detach()))
                 if plan.baskets_per_user > 1 or len(groups) > 1:
                     bounds = np.repeat([plan.clip_norm / len(b) for b in chosen], [len(b) for b in chosen])

@@ -8,23 +8,42 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class ItemTower(nn.Linear):
-    """A linear item tower that also scores the shared catalogue: (N, D) in, (B, N, d) out.
+NORM_EPS = 1e-12  # F.normalize's default: below it a row is divided by eps instead of its norm
 
-    Every user's loss sees the same catalogue rows, so Opacus' hooks cannot split the usual way;
-    the grad sampler below computes each user's gradient exactly, as its backprop times the catalogue.
-    ``anchor`` (B,) only tells the hooks the batch size.
+
+class ItemTower(nn.Linear):
+    """A linear item tower with unit-norm outputs: (B, C, D) per-user candidates in, (B, C, d) out;
+    or the shared catalogue (N, D) in, (N, d) out, projected and normalised once for the whole batch.
+
+    Under Opacus (hooks on this layer) the shared output is expanded over the batch as a view, so
+    the backward hook sees each user's own backprop; the grad sampler below then computes each
+    user's gradient exactly. Without hooks nothing needs it: the plain step stays (N, d), as
+    gradients over a (B, N, d) copy cost more than the rest of the step. ``anchor`` (B,) only
+    tells the hooks the batch size.
     """
 
     def forward(self, items: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        out = super().forward(items)
-        return out.unsqueeze(0).expand(anchor.shape[0], -1, -1) if items.dim() == 2 else out
+        out = F.normalize(super().forward(items), dim=-1, eps=NORM_EPS)
+        per_sample = bool(self._forward_hooks)  # Opacus captures activations with a forward hook
+        return out.unsqueeze(0).expand(anchor.shape[0], -1, -1) if items.dim() == 2 and per_sample else out
+
+
+def _through_normalize(layer: ItemTower, items: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Backprops at the unit-norm output -> at the projection: the Jacobian of u / max(|u|, eps)."""
+    projected = F.linear(items, layer.weight, layer.bias)  # (N, d) shared or (B, N, d) per user
+    norm = projected.norm(dim=-1, keepdim=True)
+    unit = projected / norm.clamp(min=NORM_EPS)
+    radial = (backprops * unit).sum(-1, keepdim=True) * (norm > NORM_EPS)  # no radial part below eps
+    return (backprops - radial * unit) / norm.clamp(min=NORM_EPS)
 
 
 @register_grad_sampler(ItemTower)
 def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     """Per-user gradients of the item tower: Σ_c backprop[b, c] ⊗ item[c] (items shared or per user)."""
     items = activations[0]
+    if backprops.dim() != 3:
+        raise RuntimeError("ItemTower's per-sample gradients need its output expanded per user (B, N, d)")
+    backprops = _through_normalize(layer, items, backprops)
     if items.dim() == 2:  # the shared catalogue
         weight = torch.einsum("bnd,nk->bdk", backprops, items)
     else:
@@ -54,13 +73,14 @@ class Scorer(nn.Module):
             self.wide.weight[0, -1] = text_scale
 
     def item_vectors(self, sentence: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """(B, C, D) per-user or (N, D) shared backbone vectors -> (B, C, d) unit-norm candidate vectors."""
-        anchor = sentence.new_empty(batch_size)
-        return F.normalize(self.item_tower(sentence.float(), anchor), dim=-1)
+        """(B, C, D) per-user backbone vectors -> (B, C, d) unit-norm candidate vectors; (N, D) shared
+        ones -> (N, d), or (B, N, d) under Opacus' hooks (ItemTower)."""
+        return self.item_tower(sentence.float(), sentence.new_empty(batch_size))
 
     def text_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users (B, L, d), items (B, C, d) -> scaled cosines (B, L, C)."""
-        return self.text_scale * torch.einsum("bld,bcd->blc", F.normalize(users, dim=-1), items)
+        """users (B, L, d), items (B, C, d) or shared (C, d) -> scaled cosines (B, L, C)."""
+        pattern = "bld,bcd->blc" if items.dim() == 3 else "bld,cd->blc"
+        return self.text_scale * torch.einsum(pattern, F.normalize(users, dim=-1), items)
 
     def parts(self, text: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear and the MLP part of the score, each (B, C); explanations show them apart."""
