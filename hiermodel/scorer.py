@@ -28,29 +28,35 @@ class ItemTower(nn.Linear):
         return out.unsqueeze(0).expand(anchor.shape[0], -1, -1) if items.dim() == 2 and per_sample else out
 
 
-def _through_normalize(layer: ItemTower, items: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """Backprops at the unit-norm output -> at the projection: the Jacobian of u / max(|u|, eps)."""
-    projected = F.linear(items, layer.weight, layer.bias)  # (N, d) shared or (B, N, d) per user
-    norm = projected.norm(dim=-1, keepdim=True)
-    unit = projected / norm.clamp(min=NORM_EPS)
-    radial = (backprops * unit).sum(-1, keepdim=True) * (norm > NORM_EPS)  # no radial part below eps
-    return (backprops - radial * unit) / norm.clamp(min=NORM_EPS)
-
-
 @register_grad_sampler(ItemTower)
 def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
-    """Per-user gradients of the item tower: Σ_c backprop[b, c] ⊗ item[c] (items shared or per user)."""
+    """Per-user gradients of the item tower, through the normalisation t = u / |u| of u = W x + b:
+    Σ_c (g_c − (g_c·t_c) t_c) / |u_c| ⊗ x_c for user b's backprops g (B, N, d) at the unit outputs,
+    items x shared (N, D) or per user (B, N, D). The radial part is dropped where |u| is below eps,
+    as F.normalize divides by eps there."""
     items = activations[0]
     if backprops.dim() != 3:
         raise RuntimeError("ItemTower's per-sample gradients need its output expanded per user (B, N, d)")
-    backprops = _through_normalize(layer, items, backprops)
-    if items.dim() == 2:  # the shared catalogue
-        weight = torch.einsum("bnd,nk->bdk", backprops, items)
+    projected = F.linear(items, layer.weight, layer.bias)
+    norm = projected.norm(dim=-1)
+    inverse = 1.0 / norm.clamp(min=NORM_EPS)
+    unit = projected * inverse.unsqueeze(-1)
+    radial = (backprops * unit).sum(-1) * (norm > NORM_EPS)  # (B, N)
+    batch, n, d = backprops.shape
+    # the tangent part is written as (B, d, N) in memory, so the per-user products below are plain GEMMs
+    tangent = torch.empty(batch, d, n, dtype=backprops.dtype).transpose(1, 2)
+    torch.addcmul(backprops, radial.unsqueeze(-1), unit, value=-1.0, out=tangent)
+    by_dim = tangent.transpose(1, 2)  # (B, d, N), contiguous
+    scaled = items * inverse.unsqueeze(-1)  # 1 / |u_c| folded into the items
+    if items.dim() == 2:  # the shared catalogue: one (B·d, N) @ (N, D) product
+        weight = (by_dim.reshape(batch * d, n) @ scaled).view(batch, d, -1)
+        bias = by_dim @ inverse
     else:
-        weight = torch.einsum("bnd,bnk->bdk", backprops.flatten(1, -2), items.flatten(1, -2))
+        weight = torch.bmm(by_dim, scaled)
+        bias = torch.bmm(by_dim, inverse.unsqueeze(-1)).squeeze(-1)
     grads = {layer.weight: weight}
     if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = backprops.flatten(1, -2).sum(1)
+        grads[layer.bias] = bias
     return grads
 
 
