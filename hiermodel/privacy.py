@@ -294,7 +294,9 @@ def private_round(
                     examples, rng=rng, negatives=negatives, random_negatives=random_negatives, in_batch_negatives=0
                 )
                 out = module(history, candidates)
-                out.per_user_loss.sum().backward()
+                with warnings.catch_warnings():  # the cached encodings need no gradient: torch warns each step
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                    out.per_user_loss.sum().backward()
                 losses.append(float(out.loss.detach()))
                 if plan.baskets_per_user > 1 or len(groups) > 1:
                     bounds = np.repeat([plan.clip_norm / len(b) for b in chosen], [len(b) for b in chosen])
