@@ -34,17 +34,20 @@ def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], b
     Σ_c (g_c − (g_c·t_c) t_c) / |u_c| ⊗ x_c for user b's backprops g (B, N, d) at the unit outputs,
     items x shared (N, D) or per user (B, N, D). The radial part is dropped where |u| is below eps,
     as F.normalize divides by eps there."""
-    items = activations[0]
-    if backprops.dim() != 3:
-        raise RuntimeError("ItemTower's per-sample gradients need its output expanded per user (B, N, d)")
+    items, anchor = activations[0], activations[-1]
+    batch = anchor.shape[0]
+    # one row per user, or a user's gradient lands on another's row and escapes its clipping
+    if backprops.dim() != 3 or backprops.shape[0] != batch or (items.dim() == 3 and items.shape[0] != batch):
+        raise RuntimeError(f"ItemTower's per-sample gradients need one row per user ({batch}): backprops "
+                           f"{tuple(backprops.shape)}, items {tuple(items.shape)}")
     projected = F.linear(items, layer.weight, layer.bias)
     norm = projected.norm(dim=-1)
     inverse = 1.0 / norm.clamp(min=NORM_EPS)
     unit = projected * inverse.unsqueeze(-1)
-    radial = (backprops * unit).sum(-1) * (norm > NORM_EPS)  # (B, N)
-    batch, n, d = backprops.shape
+    radial = (backprops * unit).sum(-1) * (norm >= NORM_EPS)  # (B, N); clamp passes no gradient below eps
+    _, n, d = backprops.shape
     # the tangent part is written as (B, d, N) in memory, so the per-user products below are plain GEMMs
-    tangent = torch.empty(batch, d, n, dtype=backprops.dtype).transpose(1, 2)
+    tangent = torch.empty(batch, d, n, dtype=backprops.dtype, device=backprops.device).transpose(1, 2)
     torch.addcmul(backprops, radial.unsqueeze(-1), unit, value=-1.0, out=tangent)
     by_dim = tangent.transpose(1, 2)  # (B, d, N), contiguous
     scaled = items * inverse.unsqueeze(-1)  # 1 / |u_c| folded into the items

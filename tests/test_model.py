@@ -128,3 +128,42 @@ def test_one_opacus_step_gives_per_sample_gradients(toy) -> None:
     optimizer.step()
     after = model.trainable_state()
     assert any(not np.allclose(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(shared: bool) -> None:
+    """The item tower's own grad sampler, against one backward per user, with one item whose projection
+    is below eps (F.normalize divides it by eps: no radial part) beside ordinary ones."""
+    from opacus import GradSampleModule
+
+    from hiermodel.scorer import ItemTower
+
+    torch.manual_seed(0)
+    tower = ItemTower(5, 3)
+    with torch.no_grad():
+        tower.bias.zero_()
+    users, n = 4, 6
+    items = torch.randn(n, 5) if shared else torch.randn(users, n, 5)
+    items[..., 0, :] *= 1e-14  # |u| = |W x| < 1e-12 (the bias is zero)
+    weights = torch.randn(users, n, 3)  # each user's loss: Σ weights ⊙ unit outputs
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, x, anchor):
+            return self.tower(x, anchor)
+
+    module = GradSampleModule(Probe(), batch_first=True, loss_reduction="sum")
+    (module(items, torch.empty(users)) * weights).sum().backward()
+    per_sample = {"weight": tower.weight.grad_sample.clone(), "bias": tower.bias.grad_sample.clone()}
+    module.remove_hooks()
+    for user in range(users):
+        tower.zero_grad()
+        own = items if shared else items[user : user + 1]
+        out = tower(own, torch.empty(1)).reshape(n, 3)  # without hooks: the shared catalogue stays (N, d)
+        (out * weights[user]).sum().backward()
+        assert torch.allclose(per_sample["weight"][user], tower.weight.grad, atol=1e-5)
+        assert torch.allclose(per_sample["bias"][user], tower.bias.grad, atol=1e-5)
+    assert per_sample["weight"].abs().sum() > 0

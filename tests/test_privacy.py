@@ -103,6 +103,32 @@ def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteT
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in site.model.parameters())
 
 
+@pytest.mark.parametrize("baskets, head_share", [(1, 0.0), (2, 0.25)])
+def test_a_noiseless_unclipped_round_steps_by_the_mean_of_the_users_gradients(site: SiteTrainer, baskets: int,
+                                                                               head_share: float) -> None:
+    """σ = 0, every user sampled, a clip norm nothing reaches: one SGD step of lr 1 is minus the sum of
+    every user's gradient over the expected batch (the users), whatever the per-sample bookkeeping."""
+    from hiermodel.data.split import Example
+
+    targets = {u: ts[:baskets] for u, ts in site.targets.items() if len(ts) >= baskets}  # each user's all chosen
+    start = site.model.trainable_state()
+    plan = _plan(noise_multiplier=0.0, sample_rate=1.0, steps_per_round=1, clip_norm=1e6, users=len(targets),
+                 baskets_per_user=baskets, head_clip_share=head_share)
+    optimizer = torch.optim.SGD([p for p in site.model.parameters() if p.requires_grad], lr=1.0)
+    private_round(site.model, site.builder, plan=plan, optimizer=optimizer, targets=targets, negatives="catalogue",
+                  random_negatives=0, rng=np.random.default_rng(0))
+    after = site.model.trainable_state()
+    site.model.load_trainable_state(start)
+    examples = [Example(u, t) for u, ts in targets.items() for t in ts]
+    history, candidates = site.builder.training_batch(examples, rng=np.random.default_rng(0), negatives="catalogue")
+    site.model.zero_grad()
+    (site.model(history, candidates).per_user_loss.sum() / len(targets)).backward()
+    for name, p in site.model.named_parameters():
+        if p.requires_grad:
+            assert np.allclose(after[name] - start[name], -p.grad.numpy(), atol=1e-6, rtol=1e-4), name
+    site.model.zero_grad()
+
+
 def test_a_users_several_baskets_together_stay_within_the_clip_norm(site: SiteTrainer) -> None:
     user, baskets = max(site.targets.items(), key=lambda kv: len(kv[1]))
     assert len(baskets) >= 3
