@@ -27,6 +27,8 @@ LEVEL_NAMES = ("word", "sentence", "paragraph")
 # Under DP they get a share of the clip norm of their own (dp.head-clip-share): otherwise the item
 # tower's gradient, most of a user's gradient norm, leaves them a sliver of it after clipping.
 HEAD_PREFIXES = ("combiner.", "scorer.wide.", "scorer.hidden.", "scorer.output.")
+# The three backbone -> d projections of the text (tokens, sentences, candidates): 60 % of the values.
+PROJECTION_PREFIXES = ("word.proj.", "sentence.sentence_proj.", "scorer.item_tower.")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -165,6 +167,10 @@ class HierModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters named by HEAD_PREFIXES."""
         return [p for n, p in self.named_parameters() if p.requires_grad and n.startswith(HEAD_PREFIXES)]
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters named by PROJECTION_PREFIXES."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and n.startswith(PROJECTION_PREFIXES)]
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -36,6 +36,7 @@ from hiermodel.model import HierModel
 ACCOUNTANTS = ("prv", "rdp")
 ACCOUNTANT_CODES = {"prv": 0, "rdp": 1}  # metrics carry numbers only
 CENTRAL_MODES = ("off", "server-side", "client-side")
+FROZEN_CHOICES = ("none", "projections", "all-but-head")
 
 
 @dataclass
@@ -64,6 +65,10 @@ class DPConfig:
     # gradient on the head is clipped to C·√share and on the rest to C·√(1 − share), so together it
     # stays within C (the noise and the accounting are those of C); 0: one clip over all values
     head_clip_share: float = 0.0
+    # values a DP round leaves as the global model has them, so that the noise spreads over fewer:
+    # none; projections (HierModel.projection_parameters: the three backbone -> d text projections,
+    # 60 % of the values); all-but-head (only HierModel.head_parameters train)
+    frozen: str = "none"
     # optional client-level central DP on top (Flower's fixed-clipping wrappers and RDP accountant):
     # each site's whole update is clipped to central-clip-norm, the uniform average gets Gaussian noise
     central: str = "off"  # off | server-side (the server clips) | client-side (each site clips)
@@ -81,6 +86,11 @@ class DPConfig:
             raise ConfigError("dp.max-grad-norm must be > 0, dp.noise-multiplier >= 0, 0 <= dp.target-delta < 1")
         if not 0 <= self.head_clip_share < 1:
             raise ConfigError(f"dp.head-clip-share must be in [0, 1) (0: one clip norm for all values), got {self.head_clip_share}")
+        if self.frozen not in FROZEN_CHOICES:
+            raise ConfigError(f"unknown dp.frozen {self.frozen!r}; valid: {', '.join(FROZEN_CHOICES)}")
+        if self.frozen == "all-but-head" and self.head_clip_share:
+            raise ConfigError("dp.head-clip-share splits the clip norm between the head and the rest, but "
+                              "dp.frozen=all-but-head trains the head alone: set one of them")
         if not 0 <= self.popularity_share < 1:
             raise ConfigError(f"dp.popularity-share must be in [0, 1) (0: no popularity features), got {self.popularity_share}")
         if self.central not in CENTRAL_MODES:
@@ -241,6 +251,16 @@ def _clip_groups(dp_optimizer: DPOptimizer, bounds: torch.Tensor, groups: list[t
             p.grad_sample = p.grad_sample * factor.view(-1, *([1] * (p.grad_sample.dim() - 1)))
 
 
+def frozen_parameters(model: HierModel, frozen: str) -> list[torch.nn.Parameter]:
+    """The trainable parameters that dp.frozen keeps out of a DP round."""
+    if frozen == "none":
+        return []
+    if frozen == "projections":
+        return model.projection_parameters()
+    head = {id(p) for p in model.head_parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+
+
 def clip_groups(model: HierModel, head_share: float) -> list[tuple[set[int], float]]:
     """The parameter groups of a plan's clipping: the head and the rest, or all values as one."""
     everything = {id(p) for p in model.parameters() if p.requires_grad}
@@ -261,13 +281,31 @@ def private_round(
     random_negatives: int,
     rng: np.random.Generator,
     public_gradient=None,
+    frozen: str = "none",
 ) -> tuple[list[float], int]:
     """plan.steps_per_round DP-SGD steps; returns the losses of non-empty steps and the steps taken.
+
+    ``frozen`` (dp.frozen) names values kept as they are: no hooks, no gradient, no noise on them.
 
     ``public_gradient()`` may add a data-free term to the noised gradients before each update (FedProx's
     proximal term): hooks only see per-sample terms, so a penalty added to the loss would be dropped.
     """
     users = np.fromiter(targets, dtype=np.int64)
+    kept = frozen_parameters(model, frozen)
+    for p in kept:  # before the hooks: Opacus and the DP optimizer then see the rest only
+        p.requires_grad_(False)
+    try:
+        return _dp_steps(model, builder, plan=plan, optimizer=optimizer, users=users, targets=targets,
+                         negatives=negatives, random_negatives=random_negatives, rng=rng,
+                         public_gradient=public_gradient)
+    finally:
+        for p in kept:
+            p.requires_grad_(True)
+
+
+def _dp_steps(model, builder, *, plan, optimizer, users, targets, negatives, random_negatives, rng,
+              public_gradient) -> tuple[list[float], int]:
+    """private_round's steps, over the values that still require a gradient."""
     groups = clip_groups(model, plan.head_clip_share)
     # the hooks see the summed loss, so each per-sample gradient is its user's own and Opacus need not
     # rescale every backprop by the batch size; the optimizer still averages (divides by the expected batch)

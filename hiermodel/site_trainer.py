@@ -120,6 +120,7 @@ class SiteTrainer:
                 self.model, self.builder, plan=privacy, optimizer=optimizer, targets=self.targets,
                 negatives=dp_config.negatives, random_negatives=dp_config.random_negatives, rng=rng,
                 public_gradient=self._proximal_gradient(proximal_mu, anchor) if proximal_mu > 0 else None,
+                frozen=dp_config.frozen,
             )
             privacy.record(steps)
             losses, examples = step_losses, int(steps)
@@ -159,7 +160,8 @@ class SiteTrainer:
         def add() -> None:
             with torch.no_grad():
                 for n, p in params.items():
-                    p.grad.add_(mu * (p - anchor[n]))
+                    if p.grad is not None:  # None: kept out of the round (dp.frozen), still at w_global
+                        p.grad.add_(mu * (p - anchor[n]))
 
         return add
 

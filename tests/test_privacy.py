@@ -129,6 +129,34 @@ def test_a_noiseless_unclipped_round_steps_by_the_mean_of_the_users_gradients(si
     site.model.zero_grad()
 
 
+@pytest.mark.parametrize("frozen", ["projections", "all-but-head"])
+def test_frozen_values_get_neither_gradient_nor_noise_and_train_again_after_the_round(site: SiteTrainer, frozen: str) -> None:
+    from hiermodel.privacy import frozen_parameters
+
+    model = site.model
+    start = model.trainable_state()
+    kept = {n for n, p in model.named_parameters() if any(p is q for q in frozen_parameters(model, frozen))}
+    head = {n for n, p in model.named_parameters() if any(p is q for q in model.head_parameters())}
+    assert kept and (kept.isdisjoint(head) if frozen == "all-but-head" else "scorer.item_tower.weight" in kept)
+    plan = _plan(noise_multiplier=1.0, sample_rate=1.0, steps_per_round=2, users=len(site.targets))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    private_round(model, site.builder, plan=plan, optimizer=optimizer, targets=site.targets, negatives="catalogue",
+                  random_negatives=0, rng=np.random.default_rng(0), frozen=frozen)
+    after = model.trainable_state()
+    assert set(after) == set(start)  # the whole trainable state still travels
+    for name in start:
+        assert np.array_equal(after[name], start[name]) == (name in kept), name
+    assert all(p.requires_grad for p in model.parameters()) and not any(p.grad_sample is not None for p in model.parameters())
+    model.load_trainable_state(start)
+
+
+def test_dp_frozen_is_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown dp.frozen"):
+        DPConfig(frozen="towers")
+    with pytest.raises(ConfigError, match="trains the head alone"):
+        DPConfig(frozen="all-but-head", head_clip_share=0.5)
+
+
 def test_a_users_several_baskets_together_stay_within_the_clip_norm(site: SiteTrainer) -> None:
     user, baskets = max(site.targets.items(), key=lambda kv: len(kv[1]))
     assert len(baskets) >= 3
