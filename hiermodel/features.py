@@ -24,7 +24,7 @@ from hiermodel.data.split import Example, train_popularity
 from hiermodel.encoding_cache import ItemEncodings
 from hiermodel.history import HistoryStats, user_history
 from hiermodel.model import HierModelConfig
-from hiermodel.text_similarity import history_vectors, unit_rows
+from hiermodel.text_similarity import similarities, unit_rows
 
 NUM_REPEAT_FEATURES = 6
 NUM_USER_FEATURES = 4
@@ -169,8 +169,14 @@ class FeatureBuilder:
 
     # --- candidates ------------------------------------------------------------------------
 
-    def _features(self, stats: HistoryStats, example: Example, candidates: np.ndarray) -> np.ndarray:
-        """(C, F) features of the candidate items for one example."""
+    def _similarities(self, all_stats: Sequence[HistoryStats]) -> np.ndarray | None:
+        """(B, N) zero-shot similarities of a batch's histories to every item (model.text-similarity), or None."""
+        return None if self.unit_items is None else similarities(all_stats, self.unit_items)
+
+    def _features(self, stats: HistoryStats, example: Example, candidates: np.ndarray,
+                  similarity: np.ndarray | None = None) -> np.ndarray:
+        """(C, F) features of the candidate items for one example; ``similarity`` (N,) is its row of
+        _similarities, computed for the whole batch at once."""
         out = np.zeros((candidates.size, self.num_features), dtype=np.float32)
         if stats.items.size:
             pos = np.searchsorted(stats.items, candidates).clip(max=stats.items.size - 1)
@@ -182,9 +188,8 @@ class FeatureBuilder:
             out[:, NUM_REPEAT_FEATURES + 1] = recent[candidates]
         user_start = NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES
         out[:, user_start : user_start + NUM_USER_FEATURES] = user_features(stats, self._mean_basket_size(example))
-        if self.unit_items is not None:
-            history = history_vectors([stats], self.unit_items)[0]
-            out[:, -1] = (self.unit_items @ history)[candidates]
+        if similarity is not None:
+            out[:, -1] = similarity[candidates]
         return out
 
     def _mean_basket_size(self, example: Example) -> float:
@@ -249,11 +254,12 @@ class FeatureBuilder:
         mask = np.zeros((b, width), dtype=bool)
         labels = np.zeros((b, width), dtype=np.float32)
         features = np.zeros((b, width, self.num_features), dtype=np.float32)
+        sims = self._similarities(all_stats)
         for row, (ex, cand, pos) in enumerate(zip(examples, lists, positives)):
             ids[row, : cand.size] = cand
             mask[row, : cand.size] = True
             labels[row, : pos.size] = 1.0  # positives lead each list
-            features[row, : cand.size] = self._features(all_stats[row], ex, cand)
+            features[row, : cand.size] = self._features(all_stats[row], ex, cand, None if sims is None else sims[row])
         ids_t = torch.from_numpy(ids)
         return history, CandidateBatch(
             sentence=self.encodings.sentence[ids_t].float(),
@@ -268,7 +274,9 @@ class FeatureBuilder:
         history, all_stats = self.history_batch(examples)
         n = self.dataset.num_items
         everything = np.arange(n, dtype=np.int64)
-        features = np.stack([self._features(s, ex, everything) for s, ex in zip(all_stats, examples)])
+        sims = self._similarities(all_stats)
+        features = np.stack([self._features(s, ex, everything, None if sims is None else sims[row])
+                             for row, (s, ex) in enumerate(zip(all_stats, examples))])
         return history, CandidateBatch(
             sentence=self.encodings.sentence.float(),
             features=torch.from_numpy(features),

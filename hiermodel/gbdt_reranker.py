@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from hiermodel.data.dataset import Dataset
 from hiermodel.data.split import Example, train_popularity, train_targets_by_user
 from hiermodel.history import HistoryStats, example_histories
-from hiermodel.text_similarity import history_vectors, unit_rows
+from hiermodel.text_similarity import similarities, unit_rows
 
 # One OpenMP thread: on cores shared with other jobs, scikit-learn's spinning OpenMP workers made fitting
 # and scoring several times slower than a single thread (measured on the 2-core bench machine).
@@ -126,7 +126,7 @@ class GBDTReranker:
         for start in range(0, len(examples), 512):
             batch = examples[start : start + 512]
             histories = example_histories(dataset, batch)
-            sims = history_vectors(histories, self.unit_items) @ self.unit_items.T  # (B, N)
+            sims = similarities(histories, self.unit_items)  # (B, N)
             for ex, h, sim in zip(batch, histories, sims):
                 target = np.unique(dataset.users[ex.user].baskets[ex.target].items)
                 # the target basket itself is among the training baskets popularity counts: take it out
@@ -143,7 +143,7 @@ class GBDTReranker:
         if len(self.unit_items) != dataset.num_items:
             raise ValueError(f"GBDTReranker: fitted on {len(self.unit_items)} items, the catalogue has {dataset.num_items}")
         histories = example_histories(dataset, examples)
-        sims = history_vectors(histories, self.unit_items) @ self.unit_items.T
+        sims = similarities(histories, self.unit_items)
         if self.model is None:
             return np.zeros((len(examples), dataset.num_items))
         everything = np.arange(dataset.num_items, dtype=np.int64)

@@ -22,8 +22,12 @@ def unit_rows(vectors: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 def history_vectors(histories: Sequence[HistoryStats], unit_items: np.ndarray) -> np.ndarray:
     """(B, D) unit history vectors: the count-weighted mean of the history's unit item vectors (0 without history)."""
-    out = np.zeros((len(histories), unit_items.shape[1]), dtype=unit_items.dtype)
+    counts = np.zeros((len(histories), unit_items.shape[0]), dtype=unit_items.dtype)
     for row, h in enumerate(histories):
-        if h.items.size:
-            out[row] = h.count.astype(unit_items.dtype) @ unit_items[h.items]
-    return unit_rows(out, unit_items.dtype)
+        counts[row, h.items] = h.count
+    return unit_rows(counts @ unit_items, unit_items.dtype)  # one product for the batch, not one per user
+
+
+def similarities(histories: Sequence[HistoryStats], unit_items: np.ndarray) -> np.ndarray:
+    """(B, N) cosine of each history vector with every item's unit vector."""
+    return history_vectors(histories, unit_items) @ unit_items.T
