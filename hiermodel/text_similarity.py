@@ -22,10 +22,14 @@ def unit_rows(vectors: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 def history_vectors(histories: Sequence[HistoryStats], unit_items: np.ndarray) -> np.ndarray:
     """(B, D) unit history vectors: the count-weighted mean of the history's unit item vectors (0 without history)."""
-    counts = np.zeros((len(histories), unit_items.shape[0]), dtype=unit_items.dtype)
-    for row, h in enumerate(histories):
-        counts[row, h.items] = h.count
-    return unit_rows(counts @ unit_items, unit_items.dtype)  # one product for the batch, not one per user
+    out = np.zeros((len(histories), unit_items.shape[1]), dtype=unit_items.dtype)
+    filled = [row for row, h in enumerate(histories) if h.items.size]
+    if filled:  # the whole batch in a few array operations: small per-user BLAS calls stall when cores are shared
+        items = np.concatenate([histories[row].items for row in filled])
+        counts = np.concatenate([histories[row].count for row in filled]).astype(unit_items.dtype)
+        starts = np.cumsum([0] + [histories[row].items.size for row in filled[:-1]])
+        out[filled] = np.add.reduceat(unit_items[items] * counts[:, None], starts, axis=0)
+    return unit_rows(out, unit_items.dtype)
 
 
 def similarities(histories: Sequence[HistoryStats], unit_items: np.ndarray) -> np.ndarray:
