@@ -176,7 +176,7 @@ class FeatureBuilder:
     def _features(self, stats: HistoryStats, example: Example, candidates: np.ndarray,
                   similarity: np.ndarray | None = None) -> np.ndarray:
         """(C, F) features of the candidate items for one example; ``similarity`` (N,) is its row of
-        _similarities, computed for the whole batch at once."""
+        _similarities, best computed for the whole batch at once (None: computed here)."""
         out = np.zeros((candidates.size, self.num_features), dtype=np.float32)
         if stats.items.size:
             pos = np.searchsorted(stats.items, candidates).clip(max=stats.items.size - 1)
@@ -188,8 +188,8 @@ class FeatureBuilder:
             out[:, NUM_REPEAT_FEATURES + 1] = recent[candidates]
         user_start = NUM_REPEAT_FEATURES + NUM_POPULARITY_FEATURES
         out[:, user_start : user_start + NUM_USER_FEATURES] = user_features(stats, self._mean_basket_size(example))
-        if similarity is not None:
-            out[:, -1] = similarity[candidates]
+        if self.unit_items is not None:
+            out[:, -1] = (similarity if similarity is not None else self._similarities([stats])[0])[candidates]
         return out
 
     def _mean_basket_size(self, example: Example) -> float:

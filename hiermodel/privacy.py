@@ -88,6 +88,8 @@ class DPConfig:
             raise ConfigError(f"dp.head-clip-share must be in [0, 1) (0: one clip norm for all values), got {self.head_clip_share}")
         if self.frozen not in FROZEN_CHOICES:
             raise ConfigError(f"unknown dp.frozen {self.frozen!r}; valid: {', '.join(FROZEN_CHOICES)}")
+        if self.frozen != "none" and not self.enabled:
+            raise ConfigError(f"dp.frozen={self.frozen} applies to DP rounds only, and DP is off (--no-dp): drop it")
         if self.frozen == "all-but-head" and self.head_clip_share:
             raise ConfigError("dp.head-clip-share splits the clip norm between the head and the rest, but "
                               "dp.frozen=all-but-head trains the head alone: set one of them")

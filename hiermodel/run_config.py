@@ -109,7 +109,6 @@ LIMITS: dict[str, tuple] = {
     "dp.head-clip-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: one clip norm for all values)"),
     "dp.popularity-weeks": _at_least(0),
     "dp.negatives": _one_of("catalogue", "sampled"),
-    "dp.frozen": _one_of("none", "projections", "all-but-head"),
     "dp.popularity-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: no popularity features under DP)"),
     "dp.central-target-epsilon": _POSITIVE,
     "dp.central-clip-norm": _POSITIVE,

@@ -96,3 +96,21 @@ def test_text_similarity_is_the_zero_shot_baseline_and_only_there_when_asked() -
     assert off.num_features == NUM_FEATURES - 1 and without.features.shape[-1] == NUM_FEATURES - 1
     np.testing.assert_array_equal(without.features.numpy(), candidates.features[..., :-1].numpy())
 
+
+
+@pytest.mark.parametrize("gather_rows", [8192, 5, 1])
+def test_history_vectors_in_chunks_are_each_historys_count_weighted_mean(monkeypatch, gather_rows: int) -> None:
+    from types import SimpleNamespace
+
+    import hiermodel.text_similarity as text_similarity
+
+    rng = np.random.default_rng(0)
+    unit = text_similarity.unit_rows(rng.normal(size=(40, 6)))
+    histories = [SimpleNamespace(items=np.sort(rng.choice(40, size=k, replace=False)),
+                                 count=rng.integers(1, 4, size=k).astype(float)) for k in (3, 0, 7, 1, 0, 12)]
+    monkeypatch.setattr(text_similarity, "GATHER_ROWS", gather_rows)
+    got = text_similarity.history_vectors(histories, unit)
+    for row, h in enumerate(histories):
+        want = h.count @ unit[h.items] if h.items.size else np.zeros(6)
+        norm = np.linalg.norm(want)
+        assert np.allclose(got[row], want / norm if norm else want)

@@ -155,6 +155,8 @@ def test_dp_frozen_is_checked() -> None:
         DPConfig(frozen="towers")
     with pytest.raises(ConfigError, match="trains the head alone"):
         DPConfig(frozen="all-but-head", head_clip_share=0.5)
+    with pytest.raises(ConfigError, match="applies to DP rounds only"):
+        DPConfig(enabled=False, frozen="projections")
 
 
 def test_a_users_several_baskets_together_stay_within_the_clip_norm(site: SiteTrainer) -> None:
