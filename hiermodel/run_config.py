@@ -108,6 +108,7 @@ LIMITS: dict[str, tuple] = {
     "dp.baskets-per-user": _at_least(1),
     "dp.head-clip-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: one clip norm for all values)"),
     "dp.popularity-weeks": _at_least(0),
+    "dp.popularity-start": ((lambda v: v >= 0), "at least 0 (Unix seconds of the week grid's first day)"),
     "dp.negatives": _one_of("catalogue", "sampled"),
     "dp.popularity-share": ((lambda v: 0 <= v < 1), "in [0, 1) (0: no popularity features under DP)"),
     "dp.central-target-epsilon": _POSITIVE,
