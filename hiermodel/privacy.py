@@ -80,7 +80,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"unknown dp.accountant {self.accountant!r}; valid: {', '.join(ACCOUNTANTS)}")
-        if self.enabled and self.target_epsilon <= 0:
+        if self.target_epsilon <= 0:  # checked with DP off too: a bad value is a mistake either way
             raise ConfigError(f"dp.target-epsilon must be positive, got {self.target_epsilon}")
         if self.max_grad_norm <= 0 or self.noise_multiplier < 0 or not 0 <= self.target_delta < 1:
             raise ConfigError("dp.max-grad-norm must be > 0, dp.noise-multiplier >= 0, 0 <= dp.target-delta < 1")
