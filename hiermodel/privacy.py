@@ -296,32 +296,21 @@ def private_round(
     kept = frozen_parameters(model, frozen)
     for p in kept:  # before the hooks: Opacus and the DP optimizer then see the rest only
         p.requires_grad_(False)
-    try:
-        return _dp_steps(model, builder, plan=plan, optimizer=optimizer, users=users, targets=targets,
-                         negatives=negatives, random_negatives=random_negatives, rng=rng,
-                         public_gradient=public_gradient)
-    finally:
-        for p in kept:
-            p.requires_grad_(True)
-
-
-def _dp_steps(model, builder, *, plan, optimizer, users, targets, negatives, random_negatives, rng,
-              public_gradient) -> tuple[list[float], int]:
-    """private_round's steps, over the values that still require a gradient."""
-    groups = clip_groups(model, plan.head_clip_share)
-    # the hooks see the summed loss, so each per-sample gradient is its user's own and Opacus need not
-    # rescale every backprop by the batch size; the optimizer still averages (divides by the expected batch)
-    module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.clip_norm,
-        expected_batch_size=max(1, round(plan.sample_rate * len(users))),
-        loss_reduction="mean",
-        generator=torch.Generator().manual_seed(secrets.randbits(63)),  # noise nobody else can replay
-    )
+    module = None
     losses = []
     try:
+        groups = clip_groups(model, plan.head_clip_share)
+        # the hooks see the summed loss, so each per-sample gradient is its user's own and Opacus need not
+        # rescale every backprop by the batch size; the optimizer still averages (divides by the expected batch)
+        module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.clip_norm,
+            expected_batch_size=max(1, round(plan.sample_rate * len(users))),
+            loss_reduction="mean",
+            generator=torch.Generator().manual_seed(secrets.randbits(63)),  # noise nobody else can replay
+        )
         for _ in range(plan.steps_per_round):
             module.train()
             dp_optimizer.zero_grad(set_to_none=True)
@@ -350,7 +339,10 @@ def _dp_steps(model, builder, *, plan, optimizer, users, targets, negatives, ran
                     public_gradient()
                 dp_optimizer.original_optimizer.step()
     finally:
-        module.remove_hooks()  # the model goes back to plain training and evaluation
+        if module is not None:
+            module.remove_hooks()  # the model goes back to plain training and evaluation
+        for p in kept:
+            p.requires_grad_(True)
         for p in model.parameters():
             p.grad_sample = None
     return losses, plan.steps_per_round
