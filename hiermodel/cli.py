@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="quality: centralized epochs at most, early-stopped (default train.epochs = 20; --quick 2)")
     p.add_argument("--rows", default="", help="quality: only these rows or kinds, comma-separated (baseline, centralized, "
                    "federated, ablation, or a row name such as fed-dp8); default every row")
+    p.add_argument("--resume", action="store_true", help="quality: keep the runs already in OUT/quality/quality.json "
+                   "(made with the same settings) and run only the missing ones; without it an earlier table is set aside")
     p.add_argument("--quick", action="store_true", help="small data (synthetic unless --dataset is given), few steps")
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json, bench.md and the PNGs go")

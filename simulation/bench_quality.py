@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hiermodel.errors import ConfigError
+from hiermodel.errors import ConfigError, DataError
 from hiermodel.model import HierModelConfig
 from hiermodel.privacy import DPConfig
 from hiermodel.run_config import FedConfig
@@ -89,6 +89,7 @@ class QualitySettings:
     dp: DPConfig = field(default_factory=DPConfig)
     cpus_per_site: float = 1.0
     quick: bool = False
+    resume: bool = False  # keep the runs an earlier invocation left in OUT/quality/quality.json (same settings)
     synthetic_users: int | None = None  # synthetic data: this many users instead of data.synthetic-users
     model_changes: dict = field(default_factory=dict)  # HierModelConfig changes for every trained row (--quick: smaller)
 
@@ -150,7 +151,11 @@ def _federated_run(base_flat: dict, row: Row, *, seed: int, rounds: int, out: Pa
 
 
 def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, out: Path, log=print) -> dict:
-    """Run the selected rows over the seeds; write quality.json after every run and quality.png at the end."""
+    """Run the selected rows over the seeds; write quality.json after every run and quality.png at the end.
+
+    With ``settings.resume`` the runs already in OUT/quality/quality.json are kept (the settings must be the
+    same) and only the missing (row, seed) runs are made, so the full suite can be run over several sittings;
+    without it an earlier quality.json is set aside, never overwritten."""
     from hiermodel.jobs import evaluate_baselines
     from hiermodel.pipeline import prepare
     from hiermodel.run_config import to_flat
@@ -162,6 +167,14 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
     if settings.synthetic_users and data.dataset == "synthetic":
         data = dataclasses.replace(data, synthetic_users=settings.synthetic_users)
     model = dataclasses.replace(model, **settings.model_changes)
+    base_flat = {**to_flat(data, "data"), **to_flat(model, "model"), **to_flat(settings.train, "train"),
+                 **to_flat(settings.fed, "fed"), **to_flat(settings.dp, "dp")}
+    base_flat = {k: v for k, v in base_flat.items() if not k.startswith("fed.") or k in _FED_KEYS}
+    # what every run of one table must share; JSON's own form, so that a stored copy compares equal
+    fingerprint = json.loads(json.dumps({**base_flat, "bench.epochs": train.epochs, "bench.rounds": settings.rounds,
+                                         "bench.quick": settings.quick}))
+    folder = out / "quality"
+    kept = _earlier_runs(folder / "quality.json", fingerprint, resume=settings.resume, log=log)
     started = time.perf_counter()
     dataset = data.load()
     summary = dataset.summary()
@@ -170,46 +183,102 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
         "settings": {"seeds": list(range(settings.seeds)), "epochs": train.epochs, "patience": train.patience,
                      "rounds": settings.rounds, "local_epochs": settings.fed.local_epochs, "epsilons": list(settings.epsilons), "rows": [r.name for r in rows],
                      "quick": settings.quick, "train": dataclasses.asdict(train)},
+        "config": fingerprint,
         "metrics": list(METRICS),
         "rows": [],
     }
-    folder = out / "quality"
     folder.mkdir(parents=True, exist_ok=True)
-    base_flat = {**to_flat(data, "data"), **to_flat(model, "model"), **to_flat(settings.train, "train"),
-                 **to_flat(settings.fed, "fed"), **to_flat(settings.dp, "dp")}
-    base_flat = {k: v for k, v in base_flat.items() if not k.startswith("fed.") or k in _FED_KEYS}
+    commit = code_version()
     vectors = None
-    for row in rows:
-        runs = []
-        seeds = [0] if row.kind == "baseline" else range(settings.seeds)  # baselines are deterministic
-        for seed in seeds:
-            t0 = time.perf_counter()
-            if row.kind == "baseline":
-                if vectors is None:
-                    _, builder = prepare(dataset, model, progress=False)
-                    vectors = builder.encodings.sentence.float().numpy()
-                run = {"metrics": _pick(evaluate_baselines(dataset, [row.baseline], item_vectors=vectors)[row.baseline])}
-            elif row.kind == "federated":
-                run = _federated_run(base_flat, row, seed=seed, rounds=settings.rounds, out=folder / f"{row.name}-seed{seed}",
-                                     cpus_per_site=settings.cpus_per_site, log=log)
-            else:
-                run = _central_run(dataset, dataclasses.replace(model, **row.model), train, seed=seed)
-            run = {"seed": seed, **run, "seconds": time.perf_counter() - t0}
-            runs.append(run)
-            log(f"quality: {row.name} seed {seed}: ndcg@10 {run['metrics']['ndcg@10']:.4f}  "
-                f"explore@20 {run['metrics']['explore_recall@20']:.4f}  ({run['seconds']:.1f}s)")
-        mean, std = _summary(runs)
-        report["rows"].append({"name": row.name, "kind": row.kind, "label": row.label, "epsilon": row.epsilon,
-                               "n": len(runs), "mean": mean, "std": std,
-                               "seconds_per_run": statistics.fmean(r["seconds"] for r in runs), "runs": runs})
-        report["seconds"] = time.perf_counter() - started
-        (folder / "quality.json").write_text(json.dumps(report, indent=2))  # a long run keeps what it has
+    finished: dict[str, dict] = {}  # row name -> its row of the report
+    for row in all_rows(settings.epsilons):
+        runs = sorted(kept.get(row.name, {}).values(), key=lambda r: r["seed"])
+        if row in rows:
+            seeds = [0] if row.kind == "baseline" else range(settings.seeds)  # baselines are deterministic
+            for seed in seeds:
+                if any(r["seed"] == seed for r in runs):
+                    log(f"quality: {row.name} seed {seed}: kept from the earlier run")
+                    continue
+                t0 = time.perf_counter()
+                if row.kind == "baseline":
+                    if vectors is None:
+                        _, builder = prepare(dataset, model, progress=False)
+                        vectors = builder.encodings.sentence.float().numpy()
+                    run = {"metrics": _pick(evaluate_baselines(dataset, [row.baseline], item_vectors=vectors)[row.baseline])}
+                elif row.kind == "federated":
+                    run = _federated_run(base_flat, row, seed=seed, rounds=settings.rounds, out=folder / f"{row.name}-seed{seed}",
+                                         cpus_per_site=settings.cpus_per_site, log=log)
+                else:
+                    run = _central_run(dataset, dataclasses.replace(model, **row.model), train, seed=seed)
+                run = {"seed": seed, **run, "seconds": time.perf_counter() - t0, "commit": commit}
+                runs = sorted([*runs, run], key=lambda r: r["seed"])
+                log(f"quality: {row.name} seed {seed}: ndcg@10 {run['metrics']['ndcg@10']:.4f}  "
+                    f"explore@20 {run['metrics']['explore_recall@20']:.4f}  ({run['seconds']:.1f}s)")
+                finished[row.name] = _row_summary(row, runs)
+                _write_rows(report, finished, folder, started)  # a long run keeps what it has
+        if runs:
+            finished[row.name] = _row_summary(row, runs)
+    _write_rows(report, finished, folder, started)
     report["targets"] = check_targets(report)
-    report["seconds"] = time.perf_counter() - started
     report["estimate_full_seconds"] = estimate_full_seconds(report)
     (folder / "quality.json").write_text(json.dumps(report, indent=2))
     plot_quality(out / "quality.png", report)
     return report
+
+
+def _row_summary(row: Row, runs: list[dict]) -> dict:
+    mean, std = _summary(runs)
+    return {"name": row.name, "kind": row.kind, "label": row.label, "epsilon": row.epsilon, "n": len(runs), "mean": mean,
+            "std": std, "seconds_per_run": statistics.fmean(r["seconds"] for r in runs), "runs": runs}
+
+
+def _write_rows(report: dict, finished: dict[str, dict], folder: Path, started: float) -> None:
+    """The rows so far, in table order, into quality.json (rewritten whole: a run that stops keeps what it has)."""
+    order = [r.name for r in all_rows(report["settings"]["epsilons"])]
+    report["rows"] = sorted(finished.values(), key=lambda r: order.index(r["name"]))
+    report["seconds"] = time.perf_counter() - started
+    (folder / "quality.json").write_text(json.dumps(report, indent=2))
+
+
+def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[str, dict[int, dict]]:
+    """The runs of an earlier quality.json, by row and seed, when resuming; otherwise it is set aside."""
+    if not path.exists():
+        if resume:
+            log(f"quality: --resume: no {path} yet, starting the table")
+        return {}
+    if not resume:
+        aside = path.with_name(f"quality-previous-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        path.replace(aside)
+        log(f"quality: the earlier {path.name} is now {aside.name} (pass --resume to continue it instead)")
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        stored, rows = earlier["config"], earlier["rows"]
+        runs = {r["name"]: {int(run["seed"]): run for run in r["runs"]} for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--resume: {path} is unreadable or from an older hierfed ({exc!r}); pass another --out, "
+                        "or move it away to start the table again") from None
+    for key in sorted(set(stored) | set(fingerprint)):
+        if stored.get(key) != fingerprint.get(key):
+            raise ConfigError(f"--resume: {path} was made with {key}={stored.get(key)!r}, this run has "
+                              f"{fingerprint.get(key)!r}; resume with the same settings, or pass another --out")
+    log(f"quality: --resume: {sum(map(len, runs.values()))} runs kept from {path}")
+    return runs
+
+
+def code_version() -> str | None:
+    """The git commit of this source tree (with "-dirty" for uncommitted changes), or None outside a checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "") if commit else None
 
 
 _FED_KEYS = {"fed.strategy", "fed.local-epochs", "fed.fraction-train", "fed.fraction-evaluate", "fed.min-nodes",
@@ -329,7 +398,9 @@ def quality_markdown(q: dict) -> list[str]:
             status += " (the level is set for Online Retail: informative only here)"
         lines.append(f"| {t['goal']} | {value} | {status} | {t['limit']} |")
     runs = sum(r["n"] for r in q["rows"])
-    lines += ["", f"Quality suite: {_duration(q['seconds'])} measured for {len(q['rows'])} rows, {runs} runs. "
+    run_seconds = sum(r["seconds_per_run"] * r["n"] for r in q["rows"])
+    lines += ["", f"Quality suite: {len(q['rows'])} rows, {runs} runs taking {_duration(run_seconds)} in all "
+              f"({_duration(q['seconds'])} in this invocation; `--resume` keeps earlier runs). "
               f"All {len(all_rows(s['epsilons']))} rows × {FULL_SEEDS} seeds at these epochs and rounds: "
               f"**estimate** {_duration(q['estimate_full_seconds'])} (the measured seconds per run of each row kind × its "
               "rows × seeds; not a measurement).", ""]
@@ -363,7 +434,7 @@ QUICK_MODEL = {"dim": 16, "max_history_items": 16, "max_baskets": 4, "scorer_hid
 
 
 def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, epochs: int | None = None,
-                     rounds: int | None = None, rows: str = "") -> QualitySettings:
+                     rounds: int | None = None, rows: str = "", resume: bool = False) -> QualitySettings:
     """The suite's settings from the bench flags; train.* / fed.* / dp.* of --run-config apply to every run."""
     from hiermodel.run_config import apply_group
 
@@ -378,6 +449,7 @@ def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, 
         epochs=epochs or base.epochs,
         rounds=rounds or base.rounds,
         rows=rows,
+        resume=resume,
         train=apply_group(TrainConfig(), "train", overrides),
         fed=apply_group(FedConfig(), "fed", overrides),
         dp=apply_group(DPConfig(), "dp", overrides),

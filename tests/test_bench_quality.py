@@ -155,6 +155,45 @@ def test_bad_quality_flags_are_one_line(tmp_path, capsys) -> None:
     assert "unknown quality row 'bogus'" in capsys.readouterr().err
 
 
+def test_resume_keeps_earlier_runs_and_runs_the_rest(tiny_backbone: str, tmp_path, capsys) -> None:
+    """--resume reuses (row, seed) runs made with the same settings and keeps rows it does not run; other
+    settings are one line and leave the table as it is; a run without --resume sets the old table aside."""
+    out = tmp_path / "bench"
+    table = out / "quality" / "quality.json"
+
+    def bench(*flags: str) -> int:
+        return main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(out),
+                     "--epochs", "1", "--run-config", TINY, *flags])
+
+    assert bench("--rows", "ppop,central", "--seeds", "1") == 0
+    first = json.loads(table.read_text())
+    assert [r["name"] for r in first["rows"]] == ["ppop", "central"]
+    assert bench("--rows", "gpop,central", "--seeds", "2", "--resume") == 0
+    log = capsys.readouterr().out
+    assert "central seed 0: kept from the earlier run" in log and "central seed 1: ndcg@10" in log
+    second = json.loads(table.read_text())
+    rows = {r["name"]: r for r in second["rows"]}
+    assert list(rows) == ["gpop", "ppop", "central"]  # table order; ppop kept though not selected
+    assert rows["ppop"] == first["rows"][0]
+    assert [run["seed"] for run in rows["central"]["runs"]] == [0, 1] and rows["central"]["n"] == 2
+    assert rows["central"]["runs"][0] == first["rows"][1]["runs"][0]  # the earlier run itself, not a rerun
+    assert "quality" in json.loads((out / "bench.json").read_text())
+
+    assert bench("--rows", "gpop", "--resume", "--run-config", TINY + " train.lr=0.5") == 2
+    assert "was made with train.lr=" in capsys.readouterr().err
+    assert json.loads(table.read_text()) == second  # untouched
+    table.write_text("{not json")
+    assert bench("--rows", "gpop", "--resume") == 2
+    assert "unreadable" in capsys.readouterr().err and table.read_text() == "{not json"
+    table.write_text(json.dumps(second))
+    assert bench("--rows", "gpop") == 0  # a fresh table; the earlier one is set aside whole
+    aside = list((out / "quality").glob("quality-previous-*.json"))
+    assert len(aside) == 1 and json.loads(aside[0].read_text()) == second
+    assert [r["name"] for r in json.loads(table.read_text())["rows"]] == ["gpop"]
+    assert main(["bench", "--suite", "speed", "--resume", "--out", str(out)]) == 2
+    assert "--resume continues the quality suite" in capsys.readouterr().err
+
+
 # --- the gradient-boosted reranker -----------------------------------------------------------------
 
 
