@@ -11,8 +11,12 @@ import torch
 class HistoryBatch:
     """Histories of B users: H distinct history items, K baskets of up to M items each."""
 
-    token_states: torch.Tensor  # (B, H, T, D) backbone token states of the history items
-    token_mask: torch.Tensor  # (B, H, T) bool
+    # each user's real tokens only, item after item (P = the most any user of the batch has): padding
+    # to H items × T tokens would be 4-6 × as many rows, and the word level would compute on all of them
+    token_states: torch.Tensor  # (B, P, D) backbone token states of the history items' tokens
+    token_mask: torch.Tensor  # (B, P) bool, True for a real token
+    token_slot: torch.Tensor  # (B, P) long, the history item (0 … H-1) each token belongs to
+    token_position: torch.Tensor  # (B, P) long, the token's place in its item's text (0 … T-1)
     item_sentence: torch.Tensor  # (B, H, D) pooled backbone vectors of the history items
     item_mask: torch.Tensor  # (B, H) bool
     item_stats: torch.Tensor  # (B, H, S) repeat statistics of each history item

@@ -151,10 +151,9 @@ class FeatureBuilder:
         safe_ids = np.where(item_ids >= 0, item_ids, 0)
         ids = torch.from_numpy(safe_ids)
         item_mask = torch.from_numpy(item_ids >= 0)
-        token_mask = self.encodings.token_mask[ids] & item_mask.unsqueeze(-1)
+        tokens = self._packed_tokens(ids, item_mask)
         batch = HistoryBatch(
-            token_states=self.encodings.token_states[ids].float(),
-            token_mask=token_mask,
+            **tokens,
             item_sentence=self.encodings.sentence[ids].float(),
             item_mask=item_mask,
             item_stats=torch.from_numpy(item_stats),
@@ -166,6 +165,26 @@ class FeatureBuilder:
             item_ids=torch.from_numpy(item_ids),
         )
         return batch, all_stats
+
+    def _packed_tokens(self, ids: torch.Tensor, item_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The history items' real tokens, packed per user in item then token order (HistoryBatch)."""
+        present = (self.encodings.token_mask[ids] & item_mask.unsqueeze(-1)).flatten(1)  # (B, H·T)
+        per_item = self.encodings.token_mask.shape[1]
+        counts = present.sum(1)
+        users, flat = present.nonzero(as_tuple=True)  # row-major: by user, then item, then token
+        rank = torch.arange(users.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        slot, position = flat // per_item, flat % per_item
+        shape = (ids.shape[0], max(int(counts.max()) if counts.numel() else 0, 1))
+        states = self.encodings.token_states
+        packed = torch.zeros(*shape, states.shape[-1])
+        packed[users, rank] = states.reshape(-1, states.shape[-1])[ids[users, slot] * per_item + position].float()
+        mask = torch.zeros(shape, dtype=torch.bool)
+        mask[users, rank] = True
+        token_slot = torch.zeros(shape, dtype=torch.long)
+        token_slot[users, rank] = slot
+        token_position = torch.zeros(shape, dtype=torch.long)
+        token_position[users, rank] = position
+        return {"token_states": packed, "token_mask": mask, "token_slot": token_slot, "token_position": token_position}
 
     # --- candidates ------------------------------------------------------------------------
 

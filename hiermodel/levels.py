@@ -25,21 +25,29 @@ class LevelOutput:
 
 
 class WordLevel(nn.Module):
-    """Tokens -> item vectors (attention over an item's words) and a word-level user vector."""
+    """Tokens -> item vectors (attention over an item's words) and a word-level user vector.
 
-    def __init__(self, backbone_dim: int, dim: int, *, build_items: bool = True) -> None:
+    The tokens come packed per user (HistoryBatch): the item attention runs within each item's tokens,
+    the user attention over all of a user's tokens, and the word attention is returned as (B, H, T)."""
+
+    def __init__(self, backbone_dim: int, dim: int, *, max_tokens: int, build_items: bool = True) -> None:
         super().__init__()
         self.proj = nn.Linear(backbone_dim, dim)
+        self.max_tokens = max_tokens
         # item vectors feed the sentence level; a word-only model has no use for them
         self.item_pool = AttentionPool(dim) if build_items else None
         self.user_pool = AttentionPool(dim)
 
     def forward(self, history: HistoryBatch) -> LevelOutput:
-        x = torch.tanh(self.proj(history.token_states))  # (B, H, T, d)
-        items = self.item_pool(x, history.token_mask)[0] if self.item_pool is not None else None  # (B, H, d)
-        b, h, t, d = x.shape
-        user, weights = self.user_pool(x.reshape(b, h * t, d), history.token_mask.reshape(b, h * t))
-        return LevelOutput(units=items, user=user, attention=weights.view(b, h, t))
+        x = torch.tanh(self.proj(history.token_states))  # (B, P, d)
+        b, h = history.item_mask.shape
+        mask, slot = history.token_mask, history.token_slot
+        items = self.item_pool.pool_segments(x, mask, slot, h) if self.item_pool is not None else None  # (B, H, d)
+        user, weights = self.user_pool(x, mask)
+        # back to (B, H, T) for explanations: each weight at its item and token
+        where = slot * self.max_tokens + history.token_position
+        attention = weights.new_zeros(b, h * self.max_tokens).scatter_add(1, where, weights * mask)
+        return LevelOutput(units=items, user=user, attention=attention.view(b, h, self.max_tokens))
 
 
 class SentenceLevel(nn.Module):

@@ -83,7 +83,7 @@ class HierModel(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.word = WordLevel(c.backbone_dim, c.dim, build_items=c.num_levels >= 2)
+        self.word = WordLevel(c.backbone_dim, c.dim, max_tokens=c.max_tokens, build_items=c.num_levels >= 2)
         self.sentence = (
             SentenceLevel(c.backbone_dim, c.dim, c.stats_dim, build_baskets=c.num_levels >= 3) if c.num_levels >= 2 else None
         )

@@ -37,6 +37,7 @@ ACCOUNTANTS = ("prv", "rdp")
 ACCOUNTANT_CODES = {"prv": 0, "rdp": 1}  # metrics carry numbers only
 CENTRAL_MODES = ("off", "server-side", "client-side")
 FROZEN_CHOICES = ("none", "projections", "all-but-head")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -69,6 +70,10 @@ class DPConfig:
     # none; projections (HierModel.projection_parameters: the three backbone -> d text projections,
     # 60 % of the values); all-but-head (only HierModel.head_parameters train)
     frozen: str = "none"
+    # the dtype of the item tower's per-user gradient products (most of a DP step's extra work): auto is
+    # bfloat16 where the CPU multiplies it natively (AVX-512 BF16; 4 × float32's speed here), else float32.
+    # The gradients that are clipped are the ones summed, so the guarantee holds at either precision.
+    grad_sample_precision: str = "auto"
     # optional client-level central DP on top (Flower's fixed-clipping wrappers and RDP accountant):
     # each site's whole update is clipped to central-clip-norm, the uniform average gets Gaussian noise
     central: str = "off"  # off | server-side (the server clips) | client-side (each site clips)
@@ -88,6 +93,8 @@ class DPConfig:
             raise ConfigError(f"dp.head-clip-share must be in [0, 1) (0: one clip norm for all values), got {self.head_clip_share}")
         if self.frozen not in FROZEN_CHOICES:
             raise ConfigError(f"unknown dp.frozen {self.frozen!r}; valid: {', '.join(FROZEN_CHOICES)}")
+        if self.grad_sample_precision not in PRECISIONS:
+            raise ConfigError(f"unknown dp.grad-sample-precision {self.grad_sample_precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.frozen != "none" and not self.enabled:
             raise ConfigError(f"dp.frozen={self.frozen} applies to DP rounds only, and DP is off (--no-dp): drop it")
         if self.frozen == "all-but-head" and self.head_clip_share:
@@ -263,6 +270,13 @@ def frozen_parameters(model: HierModel, frozen: str) -> list[torch.nn.Parameter]
     return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
 
 
+def grad_sample_dtype(precision: str) -> torch.dtype:
+    """The dtype of dp.grad-sample-precision on this machine."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+
+
 def clip_groups(model: HierModel, head_share: float) -> list[tuple[set[int], float]]:
     """The parameter groups of a plan's clipping: the head and the rest, or all values as one."""
     everything = {id(p) for p in model.parameters() if p.requires_grad}
@@ -284,10 +298,12 @@ def private_round(
     rng: np.random.Generator,
     public_gradient=None,
     frozen: str = "none",
+    precision: str = "float32",
 ) -> tuple[list[float], int]:
     """plan.steps_per_round DP-SGD steps; returns the losses of non-empty steps and the steps taken.
 
     ``frozen`` (dp.frozen) names values kept as they are: no hooks, no gradient, no noise on them.
+    ``precision`` (dp.grad-sample-precision) is that of the item tower's per-user gradients.
 
     ``public_gradient()`` may add a data-free term to the noised gradients before each update (FedProx's
     proximal term): hooks only see per-sample terms, so a penalty added to the loss would be dropped.
@@ -298,7 +314,9 @@ def private_round(
         p.requires_grad_(False)
     module = None
     losses = []
+    tower = model.scorer.item_tower
     try:
+        tower.grad_sample_dtype = grad_sample_dtype(precision)
         groups = clip_groups(model, plan.head_clip_share)
         # the hooks see the summed loss, so each per-sample gradient is its user's own and Opacus need not
         # rescale every backprop by the batch size; the optimizer still averages (divides by the expected batch)
@@ -339,6 +357,7 @@ def private_round(
                     public_gradient()
                 dp_optimizer.original_optimizer.step()
     finally:
+        tower.grad_sample_dtype = torch.float32
         if module is not None:
             module.remove_hooks()  # the model goes back to plain training and evaluation
         for p in kept:

@@ -22,6 +22,10 @@ class ItemTower(nn.Linear):
     tells the hooks the batch size.
     """
 
+    # the dtype of the per-user products in the grad sampler below (privacy.private_round sets it for a
+    # DP round: dp.grad-sample-precision); the per-sample gradients that are clipped are the ones summed
+    grad_sample_dtype: torch.dtype = torch.float32
+
     def forward(self, items: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         out = F.normalize(super().forward(items), dim=-1, eps=NORM_EPS)
         per_sample = bool(self._forward_hooks)  # Opacus captures activations with a forward hook
@@ -46,20 +50,22 @@ def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], b
     unit = projected * inverse.unsqueeze(-1)
     radial = (backprops * unit).sum(-1) * (norm >= NORM_EPS)  # (B, N); clamp passes no gradient below eps
     _, n, d = backprops.shape
+    low = layer.grad_sample_dtype
     # the tangent part is written as (B, d, N) in memory, so the per-user products below are plain GEMMs
-    tangent = torch.empty(batch, d, n, dtype=backprops.dtype, device=backprops.device).transpose(1, 2)
+    tangent = torch.empty(batch, d, n, dtype=low, device=backprops.device).transpose(1, 2)
     torch.addcmul(backprops, radial.unsqueeze(-1), unit, value=-1.0, out=tangent)
     by_dim = tangent.transpose(1, 2)  # (B, d, N), contiguous
-    scaled = items * inverse.unsqueeze(-1)  # 1 / |u_c| folded into the items
+    scaled = (items * inverse.unsqueeze(-1)).to(low)  # 1 / |u_c| folded into the items
+    inverse = inverse.to(low)
     if items.dim() == 2:  # the shared catalogue: one (B·d, N) @ (N, D) product
         weight = (by_dim.reshape(batch * d, n) @ scaled).view(batch, d, -1)
         bias = by_dim @ inverse
     else:
         weight = torch.bmm(by_dim, scaled)
         bias = torch.bmm(by_dim, inverse.unsqueeze(-1)).squeeze(-1)
-    grads = {layer.weight: weight}
+    grads = {layer.weight: weight.to(backprops.dtype)}
     if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = bias
+        grads[layer.bias] = bias.to(backprops.dtype)
     return grads
 
 

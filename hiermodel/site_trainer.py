@@ -120,7 +120,7 @@ class SiteTrainer:
                 self.model, self.builder, plan=privacy, optimizer=optimizer, targets=self.targets,
                 negatives=dp_config.negatives, random_negatives=dp_config.random_negatives, rng=rng,
                 public_gradient=self._proximal_gradient(proximal_mu, anchor) if proximal_mu > 0 else None,
-                frozen=dp_config.frozen,
+                frozen=dp_config.frozen, precision=dp_config.grad_sample_precision,
             )
             privacy.record(steps)
             losses, examples = step_losses, int(steps)

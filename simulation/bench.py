@@ -110,7 +110,8 @@ def speed_suite(settings: BenchSettings, *, log=print) -> dict:
         def dp_step(examples) -> None:
             # q = 1 over exactly this batch's users: the same users and targets as the plain step
             private_round(dp_model, builder, plan=plan, optimizer=dp_optimizer, targets={e.user: [e.target] for e in examples},
-                          negatives=DPConfig().negatives, random_negatives=0, rng=rng, frozen=frozen)
+                          negatives=DPConfig().negatives, random_negatives=0, rng=rng, frozen=frozen,
+                          precision=DPConfig().grad_sample_precision)
 
         return dp_step
 

@@ -63,6 +63,44 @@ def test_fixed_and_validation_combiner_have_no_trainable_lambda(toy) -> None:
         fixed.combiner.set_fixed([1.0, -1.0, 0.0])
 
 
+def test_packed_tokens_give_what_the_padded_layout_gives(toy) -> None:
+    """The word level over each user's packed tokens equals the same layers over (B, H, T) padding: item
+    vectors, user vector, attention and the gradient; the packing holds every real token once."""
+    _, config, builder = toy
+    model = new_model(config, seed=3).double()
+    history, _ = _batch(builder, n=6)
+    enc, t = builder.encodings, config.max_tokens
+    ids = history.item_ids.clamp(min=0)
+    mask = enc.token_mask[ids] & (history.item_ids >= 0).unsqueeze(-1)  # (B, H, T): the padded layout
+    assert int(mask.sum()) == int(history.token_mask.sum()) and history.token_mask.shape[1] == int(mask.flatten(1).sum(1).max())
+    states = enc.token_states[ids].double() * mask.unsqueeze(-1)
+    history.token_states = history.token_states.double()
+    word = model.word
+    packed = word(history)
+    x = torch.tanh(word.proj(states))
+    items, _ = word.item_pool(x, mask)
+    b, h, _, d = x.shape
+    user, weights = word.user_pool(x.reshape(b, h * t, d), mask.reshape(b, h * t))
+    torch.testing.assert_close(packed.units, items)
+    torch.testing.assert_close(packed.user, user)
+    torch.testing.assert_close(packed.attention, weights.view(b, h, t))
+    grad = torch.autograd.grad(packed.units.sum() + (packed.user ** 2).sum(), word.proj.weight)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(items.sum() + (user ** 2).sum(), word.proj.weight)[0])
+
+
+def test_segment_softmax_with_empty_segments_and_masked_rows() -> None:
+    from hiermodel.pooling import segment_softmax
+
+    scores = torch.tensor([[1.0, 2.0, 3.0, 50.0], [0.5, 0.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True, False], [False, False, False, False]])
+    segment = torch.tensor([[0, 0, 2, 0], [0, 0, 0, 0]])  # segment 1 of row 0 has no entry; row 1 none at all
+    w = segment_softmax(scores, mask, segment, 3)
+    torch.testing.assert_close(w[0, :2], torch.softmax(torch.tensor([1.0, 2.0]), 0))
+    assert w[0, 2] == 1.0 and w[0, 3] == 0.0 and (w[1] == 0).all()
+    (w * torch.arange(4.0)).sum().backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad[0, 3] == 0 and (scores.grad[1] == 0).all()
+
+
 def test_trainable_state_round_trip_and_save_load(toy, tmp_path) -> None:
     _, config, builder = toy
     model = new_model(config, seed=1)
@@ -131,9 +169,11 @@ def test_one_opacus_step_gives_per_sample_gradients(toy) -> None:
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(shared: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(shared: bool, dtype: torch.dtype) -> None:
     """The item tower's own grad sampler, against one backward per user, with one item whose projection
-    is below eps (F.normalize divides it by eps: no radial part) beside ordinary ones."""
+    is below eps (F.normalize divides it by eps: no radial part) beside ordinary ones; in bfloat16
+    (dp.grad-sample-precision) to bfloat16's precision, and handed over as float32."""
     from opacus import GradSampleModule
 
     from hiermodel.scorer import ItemTower
@@ -156,14 +196,17 @@ def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(share
             return self.tower(x, anchor)
 
     module = GradSampleModule(Probe(), batch_first=True, loss_reduction="sum")
+    tower.grad_sample_dtype = dtype
     (module(items, torch.empty(users)) * weights).sum().backward()
     per_sample = {"weight": tower.weight.grad_sample.clone(), "bias": tower.bias.grad_sample.clone()}
     module.remove_hooks()
+    assert per_sample["weight"].dtype == per_sample["bias"].dtype == torch.float32
+    tolerance = {"atol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
     for user in range(users):
         tower.zero_grad()
         own = items if shared else items[user : user + 1]
         out = tower(own, torch.empty(1)).reshape(n, 3)  # without hooks: the shared catalogue stays (N, d)
         (out * weights[user]).sum().backward()
-        assert torch.allclose(per_sample["weight"][user], tower.weight.grad, atol=1e-5)
-        assert torch.allclose(per_sample["bias"][user], tower.bias.grad, atol=1e-5)
+        assert torch.allclose(per_sample["weight"][user], tower.weight.grad, **tolerance)
+        assert torch.allclose(per_sample["bias"][user], tower.bias.grad, **tolerance)
     assert per_sample["weight"].abs().sum() > 0

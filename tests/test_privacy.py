@@ -78,8 +78,10 @@ def test_a_site_with_a_tiny_budget_declines_and_spends_nothing_beyond_it(site: S
     assert plan.total_steps == spent
 
 
-@pytest.mark.parametrize("negatives", ["catalogue", "sampled"])
-def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteTrainer, negatives: str) -> None:
+@pytest.mark.parametrize("negatives, precision", [("catalogue", "float32"), ("sampled", "float32"), ("catalogue", "bfloat16")])
+def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteTrainer, negatives: str,
+                                                                    precision: str) -> None:
+    """At either dp.grad-sample-precision, the per-user gradients that are clipped are the ones summed."""
     start = site.model.trainable_state()
     targets = site.targets
 
@@ -89,7 +91,8 @@ def test_noise_changes_the_update_and_per_user_gradients_are_clipped(site: SiteT
         optimizer = torch.optim.SGD([p for p in site.model.parameters() if p.requires_grad], lr=1.0)
         torch.manual_seed(0)
         private_round(site.model, site.builder, plan=plan, optimizer=optimizer, targets=targets, negatives=negatives,
-                      random_negatives=5, rng=np.random.default_rng(0))
+                      random_negatives=5, rng=np.random.default_rng(0), precision=precision)
+        assert site.model.scorer.item_tower.grad_sample_dtype == torch.float32  # plain training after the round
         after = site.model.trainable_state()
         return np.concatenate([(after[k] - start[k]).ravel() for k in start])
 
@@ -148,6 +151,15 @@ def test_frozen_values_get_neither_gradient_nor_noise_and_train_again_after_the_
         assert np.array_equal(after[name], start[name]) == (name in kept), name
     assert all(p.requires_grad for p in model.parameters()) and not any(p.grad_sample is not None for p in model.parameters())
     model.load_trainable_state(start)
+
+
+def test_dp_grad_sample_precision_is_checked() -> None:
+    from hiermodel.privacy import grad_sample_dtype
+
+    with pytest.raises(ConfigError, match="unknown dp.grad-sample-precision 'half'"):
+        DPConfig(grad_sample_precision="half")
+    assert grad_sample_dtype("float32") == torch.float32 and grad_sample_dtype("bfloat16") == torch.bfloat16
+    assert grad_sample_dtype("auto") == (torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32)
 
 
 def test_dp_frozen_is_checked() -> None:
