@@ -47,16 +47,16 @@ def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], b
     projected = F.linear(items, layer.weight, layer.bias)
     norm = projected.norm(dim=-1)
     inverse = 1.0 / norm.clamp(min=NORM_EPS)
-    unit = projected * inverse.unsqueeze(-1)
-    radial = (backprops * unit).sum(-1) * (norm >= NORM_EPS)  # (B, N); clamp passes no gradient below eps
-    _, n, d = backprops.shape
+    unit = (projected * inverse.unsqueeze(-1)).transpose(-1, -2)  # (d, N), or (B, d, N) per user
     low = layer.grad_sample_dtype
-    # the tangent part is written as (B, d, N) in memory, so the per-user products below are plain GEMMs
-    tangent = torch.empty(batch, d, n, dtype=low, device=backprops.device).transpose(1, 2)
-    torch.addcmul(backprops, radial.unsqueeze(-1), unit, value=-1.0, out=tangent)
-    by_dim = tangent.transpose(1, 2)  # (B, d, N), contiguous
+    # (B, d, N) views: autograd hands the backprops over in this layout (the scores' product), so the
+    # tangent part below is computed contiguous, and each user's gradient is then one GEMM
+    by_dim, unit = backprops.transpose(1, 2).to(low), unit.to(low).contiguous()
+    radial = (by_dim * unit).sum(1) * (norm >= NORM_EPS)  # (B, N); clamp passes no gradient below eps
+    by_dim.addcmul_(radial.unsqueeze(1), unit, value=-1.0)  # the tangent part (by_dim is our own copy)
     scaled = (items * inverse.unsqueeze(-1)).to(low)  # 1 / |u_c| folded into the items
     inverse = inverse.to(low)
+    batch, d, n = by_dim.shape
     if items.dim() == 2:  # the shared catalogue: one (B·d, N) @ (N, D) product
         weight = (by_dim.reshape(batch * d, n) @ scaled).view(batch, d, -1)
         bias = by_dim @ inverse

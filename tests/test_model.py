@@ -201,12 +201,17 @@ def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(share
     per_sample = {"weight": tower.weight.grad_sample.clone(), "bias": tower.bias.grad_sample.clone()}
     module.remove_hooks()
     assert per_sample["weight"].dtype == per_sample["bias"].dtype == torch.float32
-    tolerance = {"atol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
+
+    def close(per_user: torch.Tensor, reference: torch.Tensor) -> bool:  # bfloat16: within 2 % of the norm
+        if dtype == torch.float32:
+            return torch.allclose(per_user, reference, atol=1e-5)
+        return bool((per_user - reference).norm() <= 0.02 * reference.norm())
+
     for user in range(users):
         tower.zero_grad()
         own = items if shared else items[user : user + 1]
         out = tower(own, torch.empty(1)).reshape(n, 3)  # without hooks: the shared catalogue stays (N, d)
         (out * weights[user]).sum().backward()
-        assert torch.allclose(per_sample["weight"][user], tower.weight.grad, **tolerance)
-        assert torch.allclose(per_sample["bias"][user], tower.bias.grad, **tolerance)
+        assert close(per_sample["weight"][user], tower.weight.grad)
+        assert close(per_sample["bias"][user], tower.bias.grad)
     assert per_sample["weight"].abs().sum() > 0
