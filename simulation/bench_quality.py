@@ -258,12 +258,25 @@ def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[s
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"--resume: {path} is unreadable or from an older hierfed ({exc!r}); pass another --out, "
                         "or move it away to start the table again") from None
+    defaults = _default_flat()
     for key in sorted(set(stored) | set(fingerprint)):
-        if stored.get(key) != fingerprint.get(key):
+        # a key newer than the earlier table is the same setting at its default (what the code before it did)
+        earlier = stored.get(key, defaults.get(key))
+        if earlier != fingerprint.get(key):
             raise ConfigError(f"--resume: {path} was made with {key}={stored.get(key)!r}, this run has "
                               f"{fingerprint.get(key)!r}; resume with the same settings, or pass another --out")
     log(f"quality: --resume: {sum(map(len, runs.values()))} runs kept from {path}")
     return runs
+
+
+def _default_flat() -> dict:
+    """Every run config key at its default, in JSON's form."""
+    from hiermodel.data_config import DataConfig
+    from hiermodel.run_config import to_flat
+
+    return json.loads(json.dumps({**to_flat(DataConfig(), "data"), **to_flat(HierModelConfig(), "model"),
+                                  **to_flat(TrainConfig(), "train"), **to_flat(FedConfig(), "fed"),
+                                  **to_flat(DPConfig(), "dp")}))
 
 
 def code_version() -> str | None:

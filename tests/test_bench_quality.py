@@ -179,6 +179,13 @@ def test_resume_keeps_earlier_runs_and_runs_the_rest(tiny_backbone: str, tmp_pat
     assert rows["central"]["runs"][0] == first["rows"][1]["runs"][0]  # the earlier run itself, not a rerun
     assert "quality" in json.loads((out / "bench.json").read_text())
 
+    older = {**second, "config": {k: v for k, v in second["config"].items() if k != "dp.frozen"}}
+    table.write_text(json.dumps(older))  # a table from before dp.frozen existed: the key at its default matches
+    assert bench("--rows", "ppop", "--resume") == 0 and "4 runs kept" in capsys.readouterr().out
+    table.write_text(json.dumps(older))
+    assert bench("--rows", "ppop", "--resume", "--run-config", TINY + " dp.frozen=projections") == 2
+    assert "was made with dp.frozen=" in capsys.readouterr().err
+    table.write_text(json.dumps(second))
     assert bench("--rows", "gpop", "--resume", "--run-config", TINY + " train.lr=0.5") == 2
     assert "was made with train.lr=" in capsys.readouterr().err
     assert json.loads(table.read_text()) == second  # untouched
