@@ -40,9 +40,9 @@ def recommend(
     levels = model.levels(history)
     users = torch.stack([lv.user for lv in levels], dim=1)  # (1, L, d)
     z, lam = model.combiner(users)
-    items = model.scorer.item_vectors(candidates.sentence, 1).reshape(-1, model.config.dim)  # (N, d)
     scorer = model.scorer
-    cosine = scorer.text_scores(z.unsqueeze(1), items)[0, 0] / scorer.text_scale  # (N,)
+    items = scorer.item_vectors(candidates.sentence).reshape(-1, model.config.dim)  # (N, d)
+    cosine = scorer.text_scores(z.unsqueeze(1), candidates.sentence)[0, 0] / scorer.text_scale  # (N,)
     linear, interaction = (part[0] for part in scorer.parts(scorer.text_scale * cosine[None], candidates.features))
     wide_text = scorer.wide.weight[0, -1]
     scores = linear + interaction  # (N,)

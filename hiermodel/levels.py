@@ -45,6 +45,9 @@ class WordLevel(nn.Module):
         items = self.item_pool.pool_segments(x, mask, slot, h) if self.item_pool is not None else None  # (B, H, d)
         user, weights = self.user_pool(x, mask)
         # back to (B, H, T) for explanations: each weight at its item and token
+        if history.token_position.numel() and int(history.token_position.max()) >= self.max_tokens:
+            raise ValueError(f"a token at position {int(history.token_position.max())}, but the model reads "
+                             f"{self.max_tokens} tokens an item: the encodings and the model config disagree")
         where = slot * self.max_tokens + history.token_position
         attention = weights.new_zeros(b, h * self.max_tokens).scatter_add(1, where, weights * mask)
         return LevelOutput(units=items, user=user, attention=attention.view(b, h, self.max_tokens))

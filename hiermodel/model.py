@@ -117,9 +117,8 @@ class HierModel(nn.Module):
         levels = self.levels(history)
         users = torch.stack([lv.user for lv in levels], dim=1)  # (B, L, d)
         z, lam = self.combiner(users)  # (B, d), (B, L)
-        items = self.scorer.item_vectors(candidates.sentence, users.shape[0])  # (B, C, d), or (C, d) for the shared catalogue
-        # each level's and the combined z's cosines in one product (under DP: one per-user backprop to the items)
-        cosines = self.scorer.text_scores(torch.cat([users, z.unsqueeze(1)], dim=1), items)  # (B, L + 1, C)
+        # each level's and the combined z's cosines to the candidates in one product (one hook under DP)
+        cosines = self.scorer.text_scores(torch.cat([users, z.unsqueeze(1)], dim=1), candidates.sentence)  # (B, L + 1, C)
         level_scores, text = cosines[:, :-1], cosines[:, -1]  # (B, L, C), (B, C)
         features = candidates.features
         if not self.config.use_repeat:  # ablation: the model sees no repeat statistics

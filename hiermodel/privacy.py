@@ -273,7 +273,8 @@ def frozen_parameters(model: HierModel, frozen: str) -> list[torch.nn.Parameter]
 def grad_sample_dtype(precision: str) -> torch.dtype:
     """The dtype of dp.grad-sample-precision on this machine."""
     if precision == "auto":
-        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()  # private in torch: may move
+        return torch.bfloat16 if native else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
 
 
@@ -303,7 +304,8 @@ def private_round(
     """plan.steps_per_round DP-SGD steps; returns the losses of non-empty steps and the steps taken.
 
     ``frozen`` (dp.frozen) names values kept as they are: no hooks, no gradient, no noise on them.
-    ``precision`` (dp.grad-sample-precision) is that of the item tower's per-user gradients.
+    ``precision`` (dp.grad-sample-precision) is that of the item tower's per-user gradients; the default
+    here, float32, is exact (tests rely on it), DPConfig's auto is the product's default.
 
     ``public_gradient()`` may add a data-free term to the noised gradients before each update (FedProx's
     proximal term): hooks only see per-sample terms, so a penalty added to the loss would be dropped.
@@ -315,6 +317,7 @@ def private_round(
     module = None
     losses = []
     tower = model.scorer.item_tower
+    previous_dtype = tower.grad_sample_dtype
     try:
         tower.grad_sample_dtype = grad_sample_dtype(precision)
         groups = clip_groups(model, plan.head_clip_share)
@@ -357,7 +360,7 @@ def private_round(
                     public_gradient()
                 dp_optimizer.original_optimizer.step()
     finally:
-        tower.grad_sample_dtype = torch.float32
+        tower.grad_sample_dtype = previous_dtype
         if module is not None:
             module.remove_hooks()  # the model goes back to plain training and evaluation
         for p in kept:

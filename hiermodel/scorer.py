@@ -12,51 +12,61 @@ NORM_EPS = 1e-12  # F.normalize's default: below it a row is divided by eps inst
 
 
 class ItemTower(nn.Linear):
-    """A linear item tower with unit-norm outputs: (B, C, D) per-user candidates in, (B, C, d) out;
-    or the shared catalogue (N, D) in, (N, d) out, projected and normalised once for the whole batch.
+    """A linear item tower with unit-norm outputs, read through its cosines with the users' vectors:
+    items, the shared catalogue (N, D) or per-user candidates (B, C, D), and users (B, K, d) in;
+    cos(user k, item c) (B, K, C) out. The shared catalogue is projected and normalised once.
 
-    Under Opacus (hooks on this layer) the shared output is expanded over the batch as a view, so
-    the backward hook sees each user's own backprop; the grad sampler below then computes each
-    user's gradient exactly. Without hooks nothing needs it: the plain step stays (N, d), as
-    gradients over a (B, N, d) copy cost more than the rest of the step. ``anchor`` (B,) only
-    tells the hooks the batch size.
+    Taking the users in lets Opacus hand the grad sampler below the small (B, K, C) backprop at the
+    cosines; without them it would need each user's (B, C, d) backprop at the item vectors, for which
+    autograd would have to expand the shared catalogue's vectors over the batch. The users come last:
+    Opacus reads the batch size from the last input.
     """
 
-    # the dtype of the per-user products in the grad sampler below (privacy.private_round sets it for a
-    # DP round: dp.grad-sample-precision); the per-sample gradients that are clipped are the ones summed
-    grad_sample_dtype: torch.dtype = torch.float32
+    # the dtype of the main per-user product in the grad sampler below, None: the backprops' own
+    # (privacy.private_round sets it for a DP round: dp.grad-sample-precision); whatever it is, the
+    # per-sample gradients that are clipped are the ones summed
+    grad_sample_dtype: torch.dtype | None = None
 
-    def forward(self, items: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        out = F.normalize(super().forward(items), dim=-1, eps=NORM_EPS)
-        per_sample = bool(self._forward_hooks)  # Opacus captures activations with a forward hook
-        return out.unsqueeze(0).expand(anchor.shape[0], -1, -1) if items.dim() == 2 and per_sample else out
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """(N, D) or (B, C, D) backbone vectors -> unit item vectors (N, d) or (B, C, d)."""
+        return F.normalize(super().forward(items), dim=-1, eps=NORM_EPS)
+
+    def forward(self, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        pattern = "bkd,bcd->bkc" if items.dim() == 3 else "bkd,cd->bkc"
+        return torch.einsum(pattern, F.normalize(users, dim=-1, eps=NORM_EPS), self.item_vectors(items))
 
 
 @register_grad_sampler(ItemTower)
 def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     """Per-user gradients of the item tower, through the normalisation t = u / |u| of u = W x + b:
-    Σ_c (g_c − (g_c·t_c) t_c) / |u_c| ⊗ x_c for user b's backprops g (B, N, d) at the unit outputs,
-    items x shared (N, D) or per user (B, N, D). The radial part is dropped where |u| is below eps,
-    as F.normalize divides by eps there."""
-    items, anchor = activations[0], activations[-1]
-    batch = anchor.shape[0]
+    Σ_c (g_c − (g_c·t_c) t_c) / |u_c| ⊗ x_c, where g_c = Σ_k a_kc û_k is user b's backprop at t_c,
+    from its backprops a (K, C) at the cosines and its unit vectors û (K, d); items x shared (N, D)
+    or per user (B, C, D). The radial part is dropped where |u| is below eps, as F.normalize divides
+    by eps there."""
+    items, users = activations[0], activations[-1]
+    batch = users.shape[0]
     # one row per user, or a user's gradient lands on another's row and escapes its clipping
-    if backprops.dim() != 3 or backprops.shape[0] != batch or (items.dim() == 3 and items.shape[0] != batch):
+    if (backprops.dim() != 3 or backprops.shape[:2] != users.shape[:2]
+            or (items.dim() == 3 and items.shape[0] != batch)):
         raise RuntimeError(f"ItemTower's per-sample gradients need one row per user ({batch}): backprops "
-                           f"{tuple(backprops.shape)}, items {tuple(items.shape)}")
+                           f"{tuple(backprops.shape)}, users {tuple(users.shape)}, items {tuple(items.shape)}")
+    low = layer.grad_sample_dtype or backprops.dtype
     projected = F.linear(items, layer.weight, layer.bias)
     norm = projected.norm(dim=-1)
     inverse = 1.0 / norm.clamp(min=NORM_EPS)
-    unit = (projected * inverse.unsqueeze(-1)).transpose(-1, -2)  # (d, N), or (B, d, N) per user
-    low = layer.grad_sample_dtype
-    # (B, d, N) views: autograd hands the backprops over in this layout (the scores' product), so the
-    # tangent part below is computed contiguous, and each user's gradient is then one GEMM
-    by_dim, unit = backprops.transpose(1, 2).to(low), unit.to(low).contiguous()
-    radial = (by_dim * unit).sum(1) * (norm >= NORM_EPS)  # (B, N); clamp passes no gradient below eps
-    by_dim.addcmul_(radial.unsqueeze(1), unit, value=-1.0)  # the tangent part (by_dim is our own copy)
+    unit = (projected * inverse.unsqueeze(-1)).transpose(-1, -2)  # (d, N), or (B, d, C)
+    unit_users = F.normalize(users, dim=-1, eps=NORM_EPS)  # (B, K, d)
+    # g_c·t_c = Σ_k a_kc cos_kc: one small GEMM for the cosines instead of a pass over g (B, d, C)
+    cosines = unit_users @ unit
+    radial = (backprops * cosines).sum(1) * (norm >= NORM_EPS)  # (B, C); clamp passes no gradient below eps
+    # each user's backprop g at its item vectors, laid out (B, d, C) so that its gradient is then one GEMM;
+    # g − (g·t) t in the backprops' precision (it cancels where users align with items), then rounded
+    by_dim = torch.bmm(unit_users.transpose(1, 2), backprops)
+    by_dim.addcmul_(radial.unsqueeze(1), unit.contiguous(), value=-1.0)  # the tangent part
+    by_dim = by_dim.to(low)
     scaled = (items * inverse.unsqueeze(-1)).to(low)  # 1 / |u_c| folded into the items
     inverse = inverse.to(low)
-    batch, d, n = by_dim.shape
+    _, d, n = by_dim.shape
     if items.dim() == 2:  # the shared catalogue: one (B·d, N) @ (N, D) product
         weight = (by_dim.reshape(batch * d, n) @ scaled).view(batch, d, -1)
         bias = by_dim @ inverse
@@ -87,15 +97,14 @@ class Scorer(nn.Module):
             self.wide.weight.zero_()
             self.wide.weight[0, -1] = text_scale
 
-    def item_vectors(self, sentence: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """(B, C, D) per-user backbone vectors -> (B, C, d) unit-norm candidate vectors; (N, D) shared
-        ones -> (N, d), or (B, N, d) under Opacus' hooks (ItemTower)."""
-        return self.item_tower(sentence.float(), sentence.new_empty(batch_size))
+    def item_vectors(self, sentence: torch.Tensor) -> torch.Tensor:
+        """(N, D) shared or (B, C, D) per-user backbone vectors -> unit candidate vectors (N, d) or (B, C, d)."""
+        return self.item_tower.item_vectors(sentence.float())
 
-    def text_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users (B, L, d), items (B, C, d) or shared (C, d) -> scaled cosines (B, L, C)."""
-        pattern = "bld,bcd->blc" if items.dim() == 3 else "bld,cd->blc"
-        return self.text_scale * torch.einsum(pattern, F.normalize(users, dim=-1), items)
+    def text_scores(self, users: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """users (B, L, d) against the candidates' backbone vectors, (B, C, D) or shared (C, D) -> scaled
+        cosines (B, L, C)."""
+        return self.text_scale * self.item_tower(sentence.float(), users)
 
     def parts(self, text: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear and the MLP part of the score, each (B, C); explanations show them apart."""
