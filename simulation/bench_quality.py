@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hiermodel.durable_files import atomic_write_text
 from hiermodel.errors import ConfigError, DataError
 from hiermodel.model import HierModelConfig
 from hiermodel.privacy import DPConfig
@@ -221,7 +222,7 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
     _write_rows(report, finished, folder, started)
     report["targets"] = check_targets(report)
     report["estimate_full_seconds"] = estimate_full_seconds(report)
-    (folder / "quality.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))
     plot_quality(out / "quality.png", report)
     return report
 
@@ -237,7 +238,7 @@ def _write_rows(report: dict, finished: dict[str, dict], folder: Path, started: 
     order = [r.name for r in all_rows(report["settings"]["epsilons"])]
     report["rows"] = sorted(finished.values(), key=lambda r: order.index(r["name"]))
     report["seconds"] = time.perf_counter() - started
-    (folder / "quality.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))  # a kill mid-write keeps the last table
 
 
 def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[str, dict[int, dict]]:
