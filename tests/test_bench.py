@@ -8,7 +8,7 @@ from hiermodel.cli import main
 
 FIELDS = {
     "speed": {"cached_step_seconds", "dp_step_seconds", "naive_step_seconds", "dp_over_non_dp", "naive_over_cached",
-              "dp_frozen_projections_step_seconds", "dp_frozen_projections_over_non_dp",
+              "dp_frozen_projections_step_seconds", "dp_frozen_projections_over_non_dp", "dp_grad_sample_dtype",
               "cached_users_per_second", "dp_users_per_second", "encoding_items_per_second", "targets"},
     "communication": {"upload_bytes_per_client_round", "download_bytes_per_client_round", "backbone_bytes",
                       "full_model_fedavg_bytes", "upload_over_backbone", "trainable_parameters"},
