@@ -216,10 +216,12 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
                 log(f"quality: {row.name} seed {seed}: ndcg@10 {run['metrics']['ndcg@10']:.4f}  "
                     f"explore@20 {run['metrics']['explore_recall@20']:.4f}  ({run['seconds']:.1f}s)")
                 finished[row.name] = _row_summary(row, runs)
-                _write_rows(report, finished, folder, started)  # a long run keeps what it has
-        if runs:
+                _set_rows(report, finished, started)
+                # rewritten whole after every run, so that a long run that stops keeps what it has
+                atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))
+        if runs and row.name not in finished:  # kept runs only
             finished[row.name] = _row_summary(row, runs)
-    _write_rows(report, finished, folder, started)
+    _set_rows(report, finished, started)
     report["targets"] = check_targets(report)
     report["estimate_full_seconds"] = estimate_full_seconds(report)
     atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))
@@ -233,12 +235,11 @@ def _row_summary(row: Row, runs: list[dict]) -> dict:
             "std": std, "seconds_per_run": statistics.fmean(r["seconds"] for r in runs), "runs": runs}
 
 
-def _write_rows(report: dict, finished: dict[str, dict], folder: Path, started: float) -> None:
-    """The rows so far, in table order, into quality.json (rewritten whole: a run that stops keeps what it has)."""
+def _set_rows(report: dict, finished: dict[str, dict], started: float) -> None:
+    """The report's rows so far, in table order, and its seconds."""
     order = [r.name for r in all_rows(report["settings"]["epsilons"])]
     report["rows"] = sorted(finished.values(), key=lambda r: order.index(r["name"]))
     report["seconds"] = time.perf_counter() - started
-    atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))  # a kill mid-write keeps the last table
 
 
 def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[str, dict[int, dict]]:
@@ -264,7 +265,7 @@ def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[s
         # a key newer than the earlier table is the same setting at its default (what the code before it did)
         earlier = stored.get(key, defaults.get(key))
         if earlier != fingerprint.get(key):
-            raise ConfigError(f"--resume: {path} was made with {key}={stored.get(key)!r}, this run has "
+            raise ConfigError(f"--resume: {path} was made with {key}={earlier!r}, this run has "
                               f"{fingerprint.get(key)!r}; resume with the same settings, or pass another --out")
     log(f"quality: --resume: {sum(map(len, runs.values()))} runs kept from {path}")
     return runs
@@ -272,12 +273,9 @@ def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[s
 
 def _default_flat() -> dict:
     """Every run config key at its default, in JSON's form."""
-    from hiermodel.data_config import DataConfig
-    from hiermodel.run_config import to_flat
+    from hiermodel.run_config import RunConfig
 
-    return json.loads(json.dumps({**to_flat(DataConfig(), "data"), **to_flat(HierModelConfig(), "model"),
-                                  **to_flat(TrainConfig(), "train"), **to_flat(FedConfig(), "fed"),
-                                  **to_flat(DPConfig(), "dp")}))
+    return json.loads(json.dumps(RunConfig.from_flat({}).to_flat()))
 
 
 def code_version() -> str | None:
