@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 
 NORM_EPS = 1e-12  # F.normalize's default: below it a row is divided by eps instead of its norm
+_CHUNK_ELEMENTS = 1 << 21  # the item tower's grad sampler forms (users, d, items) backprops this large at a time
 
 
 class ItemTower(nn.Linear):
@@ -54,28 +55,39 @@ def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], b
     projected = F.linear(items, layer.weight, layer.bias)
     norm = projected.norm(dim=-1)
     inverse = 1.0 / norm.clamp(min=NORM_EPS)
-    unit = (projected * inverse.unsqueeze(-1)).transpose(-1, -2)  # (d, N), or (B, d, C)
+    unit = (projected * inverse.unsqueeze(-1)).transpose(-1, -2).contiguous()  # (d, N), or (B, d, C)
     unit_users = F.normalize(users, dim=-1, eps=NORM_EPS)  # (B, K, d)
-    # g_c·t_c = Σ_k a_kc cos_kc: one small GEMM for the cosines instead of a pass over g (B, d, C)
-    cosines = unit_users @ unit
-    radial = (backprops * cosines).sum(1) * (norm >= NORM_EPS)  # (B, C); clamp passes no gradient below eps
-    # each user's backprop g at its item vectors, laid out (B, d, C) so that its gradient is then one GEMM;
-    # g − (g·t) t in the backprops' precision (it cancels where users align with items), then rounded
-    by_dim = torch.bmm(unit_users.transpose(1, 2), backprops)
-    by_dim.addcmul_(radial.unsqueeze(1), unit.contiguous(), value=-1.0)  # the tangent part
-    by_dim = by_dim.to(low)
+    shared = items.dim() == 2
+    kept = norm >= NORM_EPS  # clamp passes no gradient below eps: no radial part there
     scaled = (items * inverse.unsqueeze(-1)).to(low)  # 1 / |u_c| folded into the items
     inverse = inverse.to(low)
-    _, d, n = by_dim.shape
-    if items.dim() == 2:  # the shared catalogue: one (B·d, N) @ (N, D) product
-        weight = (by_dim.reshape(batch * d, n) @ scaled).view(batch, d, -1)
-        bias = by_dim @ inverse
-    else:
-        weight = torch.bmm(by_dim, scaled)
-        bias = torch.bmm(by_dim, inverse.unsqueeze(-1)).squeeze(-1)
-    grads = {layer.weight: weight.to(backprops.dtype)}
+    d, n = unit.shape[-2:]
+    weight = backprops.new_empty(batch, d, items.shape[-1])
+    bias = backprops.new_empty(batch, d)
+    # a few users at a time: each chunk's (b, d, C) backprop stays in the cache, where the whole batch's
+    # (64 × 64 × 3,659 floats at Online Retail) would cost more in memory traffic than in arithmetic
+    step = max(1, _CHUNK_ELEMENTS // (d * n))
+    for start in range(0, batch, step):
+        part = slice(start, start + step)
+        chunk_unit, chunk_kept = (unit, kept) if shared else (unit[part], kept[part])
+        chunk_users, chunk_backprops = unit_users[part], backprops[part]
+        # g_c·t_c = Σ_k a_kc cos_kc: one small GEMM for the cosines instead of a pass over g (b, d, C)
+        radial = (chunk_backprops * (chunk_users @ chunk_unit)).sum(1) * chunk_kept
+        # each user's backprop g at its item vectors, laid out (b, d, C) so that its gradient is then one GEMM;
+        # g − (g·t) t in the backprops' precision (it cancels where users align with items), then rounded
+        by_dim = torch.bmm(chunk_users.transpose(1, 2), chunk_backprops)
+        by_dim.addcmul_(radial.unsqueeze(1), chunk_unit, value=-1.0)  # the tangent part
+        by_dim = by_dim.to(low)
+        b = by_dim.shape[0]
+        if shared:  # the shared catalogue: one (b·d, N) @ (N, D) product
+            weight[part] = (by_dim.reshape(b * d, n) @ scaled).view(b, d, -1)
+            bias[part] = by_dim @ inverse
+        else:
+            weight[part] = torch.bmm(by_dim, scaled[part])
+            bias[part] = torch.bmm(by_dim, inverse[part].unsqueeze(-1)).squeeze(-1)
+    grads = {layer.weight: weight}
     if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = bias.to(backprops.dtype)
+        grads[layer.bias] = bias
     return grads
 
 

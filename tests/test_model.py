@@ -171,16 +171,20 @@ def test_one_opacus_step_gives_per_sample_gradients(toy) -> None:
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k, bias", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("users_a_chunk", [4, 3, 1])
 def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(shared: bool, dtype: torch.dtype, k: int,
-                                                                           bias: bool) -> None:
+                                                                           bias: bool, users_a_chunk: int,
+                                                                           monkeypatch) -> None:
     """The item tower's own grad sampler, against one backward per user, with one item whose projection
     is below eps (F.normalize divides it by eps: no radial part) beside ordinary ones, a user vector of
     zeros, k vectors a user; in bfloat16 (dp.grad-sample-precision) to within 1 % of the norm, handed
-    over as float32."""
+    over as float32; the batch in one chunk of users, in chunks with a shorter last one, one user a chunk."""
     from opacus import GradSampleModule
 
+    from hiermodel import scorer
     from hiermodel.scorer import ItemTower
 
+    monkeypatch.setattr(scorer, "_CHUNK_ELEMENTS", users_a_chunk * 3 * 6)  # users × d × items
     torch.manual_seed(0)
     tower = ItemTower(5, 3)
     users, n = 4, 6
