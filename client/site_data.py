@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from hiermodel.errors import ConfigError
+from hiermodel.heap import reuse_freed_memory
 from hiermodel.run_config import RunConfig
 from hiermodel.site_trainer import SiteTrainer
 
@@ -32,6 +33,7 @@ def site_trainer(node_config: dict, config: RunConfig) -> tuple[SiteTrainer, int
     path, index = site_data_path(node_config, config)
     key = (path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), config.dp.enabled)
     if key not in _SITES:
+        reuse_freed_memory()  # a site process that `hierfed` did not start (flower-supernode's own ClientApp)
         _SITES[key] = SiteTrainer(dataclasses.replace(config.data, dataset=path).load(), config.model,
                                   private=config.dp.enabled)
     return _SITES[key], index

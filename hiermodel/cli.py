@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from hiermodel.errors import ConfigError, HierfedError, quoted
+from hiermodel.heap import reuse_freed_memory
 
 # subcommand -> "module:function" taking the parsed args; imported only when that command runs
 HANDLERS = {
@@ -255,6 +256,7 @@ def _check_groups(overrides: dict, groups: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    reuse_freed_memory()  # before any large tensor, and in the environment of the processes a command starts
     args = build_parser().parse_args(argv)
     module, _, function = HANDLERS[args.command].partition(":")
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from hiermodel.heap import reuse_freed_memory
 from hiermodel.run_config import RunConfig
 from server.central_privacy import CentralPrivacy, plan_central, sampled_sites
 from server.global_model import GlobalModel
@@ -28,6 +29,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("flwr").propagate = False  # Opacus adds a root handler: don't print Flower's log twice
+    reuse_freed_memory()  # the ServerApp process of a deployment; `hierfed simulate` has set it already
     run_server(grid, context.run_config)
 
 
