@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "federated, ablation, or a row name such as fed-dp8); default every row")
     p.add_argument("--resume", action="store_true", help="quality: keep the runs already in OUT/quality/quality.json "
                    "(made with the same settings) and run only the missing ones; without it an earlier table is set aside")
+    p.add_argument("--resume-from", type=Path, action="append", default=[], metavar="QUALITY_JSON",
+                   help="quality: keep the runs of this table too (the same settings; repeatable), e.g. one that another "
+                   "process wrote running other rows, or benchmarks/quality-online-retail.json; implies --resume")
     p.add_argument("--quick", action="store_true", help="small data (synthetic unless --dataset is given), few steps")
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json, bench.md and the PNGs go")

@@ -91,6 +91,7 @@ class QualitySettings:
     cpus_per_site: float = 1.0
     quick: bool = False
     resume: bool = False  # keep the runs an earlier invocation left in OUT/quality/quality.json (same settings)
+    resume_from: tuple[Path, ...] = ()  # keep the runs of these tables too (same settings): other processes', a record
     synthetic_users: int | None = None  # synthetic data: this many users instead of data.synthetic-users
     model_changes: dict = field(default_factory=dict)  # HierModelConfig changes for every trained row (--quick: smaller)
 
@@ -156,7 +157,8 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
 
     With ``settings.resume`` the runs already in OUT/quality/quality.json are kept (the settings must be the
     same) and only the missing (row, seed) runs are made, so the full suite can be run over several sittings;
-    without it an earlier quality.json is set aside, never overwritten."""
+    without it an earlier quality.json is set aside, never overwritten. ``settings.resume_from`` adds the runs
+    of other tables (the same settings), so that rows run by several processes at once make one table."""
     from hiermodel.jobs import evaluate_baselines
     from hiermodel.pipeline import prepare
     from hiermodel.run_config import to_flat
@@ -175,7 +177,11 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
     fingerprint = json.loads(json.dumps({**base_flat, "bench.epochs": train.epochs, "bench.rounds": settings.rounds,
                                          "bench.quick": settings.quick}))
     folder = out / "quality"
-    kept = _earlier_runs(folder / "quality.json", fingerprint, resume=settings.resume, log=log)
+    kept = _earlier_runs(folder / "quality.json", fingerprint, resume=settings.resume or bool(settings.resume_from), log=log)
+    for table in settings.resume_from:  # e.g. rows that other processes ran at the same time; the first copy of a run wins
+        for name, runs in _earlier_runs(table, fingerprint, resume=True, log=log).items():
+            for seed, run in runs.items():
+                kept.setdefault(name, {}).setdefault(seed, run)
     started = time.perf_counter()
     dataset = data.load()
     summary = dataset.summary()
@@ -446,7 +452,8 @@ QUICK_MODEL = {"dim": 16, "max_history_items": 16, "max_baskets": 4, "scorer_hid
 
 
 def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, epochs: int | None = None,
-                     rounds: int | None = None, rows: str = "", resume: bool = False) -> QualitySettings:
+                     rounds: int | None = None, rows: str = "", resume: bool = False,
+                     resume_from: tuple[Path, ...] = ()) -> QualitySettings:
     """The suite's settings from the bench flags; train.* / fed.* / dp.* of --run-config apply to every run."""
     from hiermodel.run_config import apply_group
 
@@ -454,6 +461,9 @@ def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, 
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     select_rows(rows)  # an unknown row is one line before any work
+    for table in resume_from:
+        if not table.is_file():
+            raise ConfigError(f"--resume-from {table}: no such file; pass a quality.json that `hierfed bench --suite quality` wrote")
     base = QualitySettings(**QUICK) if quick else QualitySettings()
     return dataclasses.replace(
         base,
@@ -462,6 +472,7 @@ def quality_settings(*, quick: bool, overrides: dict, seeds: int | None = None, 
         rounds=rounds or base.rounds,
         rows=rows,
         resume=resume,
+        resume_from=tuple(resume_from),
         train=apply_group(TrainConfig(), "train", overrides),
         fed=apply_group(FedConfig(), "fed", overrides),
         dp=apply_group(DPConfig(), "dp", overrides),

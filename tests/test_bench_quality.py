@@ -201,6 +201,46 @@ def test_resume_keeps_earlier_runs_and_runs_the_rest(tiny_backbone: str, tmp_pat
     assert "--resume continues the quality suite" in capsys.readouterr().err
 
 
+def test_resume_from_merges_tables_that_other_processes_made(tiny_backbone: str, tmp_path, capsys) -> None:
+    """Rows run in two folders at once make one table with --resume-from: their runs are kept as they are,
+    only what neither has is run; a table made with other settings, or no file, is one line and exit 2."""
+
+    def bench(out, *flags: str) -> int:
+        return main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(out),
+                     "--epochs", "1", "--run-config", TINY, *flags])
+
+    def table(out) -> dict:
+        return json.loads((out / "quality" / "quality.json").read_text())
+
+    assert bench(tmp_path / "a", "--rows", "ppop,central") == 0
+    assert bench(tmp_path / "b", "--rows", "gpop,no-repeat") == 0
+    a, b = table(tmp_path / "a"), table(tmp_path / "b")
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert bench(merged, "--rows", "gpop,ppop,central,no-repeat,levels-1", "--resume-from", str(tmp_path / "a" / "quality" / "quality.json"),
+                 "--resume-from", str(tmp_path / "b" / "quality" / "quality.json")) == 0
+    log = capsys.readouterr().out
+    assert log.count("kept from the earlier run") == 4 and "levels-1 seed 0: ndcg@10" in log  # only the new row ran
+    rows = {r["name"]: r for r in table(merged)["rows"]}
+    assert list(rows) == ["gpop", "ppop", "central", "levels-1", "no-repeat"]  # table order
+    assert rows["central"]["runs"] == next(r for r in a["rows"] if r["name"] == "central")["runs"]
+    assert rows["no-repeat"]["runs"] == next(r for r in b["rows"] if r["name"] == "no-repeat")["runs"]
+
+    other = tmp_path / "other"
+    assert main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(other), "--epochs", "1",
+                 "--run-config", TINY + " train.lr=0.5", "--rows", "gpop"]) == 0
+    capsys.readouterr()
+    before = table(merged)
+    assert bench(merged, "--rows", "gpop", "--resume-from", str(other / "quality" / "quality.json")) == 2
+    assert "was made with train.lr=" in capsys.readouterr().err and table(merged) == before
+    assert bench(merged, "--rows", "gpop", "--resume-from", str(tmp_path / "nothing.json")) == 2
+    err = capsys.readouterr().err
+    assert "--resume-from" in err and "no such file" in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "--suite", "speed", "--resume-from", str(tmp_path / "a" / "quality" / "quality.json"),
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--resume-from continues the quality suite" in capsys.readouterr().err
+
+
 # --- the gradient-boosted reranker -----------------------------------------------------------------
 
 
