@@ -18,7 +18,7 @@ from hiermodel.evaluation import evaluate_ranker
 from hiermodel.model import HierModel, HierModelConfig
 from hiermodel.pipeline import prepare
 from hiermodel.private_popularity import PopularityRelease, release_popularity
-from hiermodel.privacy import ACCOUNTANT_CODES, DPConfig, PrivacyPlan, plan_privacy, private_round
+from hiermodel.privacy import ACCOUNTANT_CODES, DPConfig, PrivacyPlan, grad_sample_dtype, plan_privacy, private_round
 from hiermodel.ranker import HierRanker
 from hiermodel.training import TrainConfig, lambda_metrics, make_optimizer, sample_targets, train_epoch
 
@@ -124,7 +124,9 @@ class SiteTrainer:
             )
             privacy.record(steps)
             losses, examples = step_losses, int(steps)
-            extra = {"dp-declined": 0, **privacy_metrics(privacy, steps=steps)}
+            # the precision dp.grad-sample-precision resolved to here (auto differs between CPUs), for the record
+            bits = torch.finfo(grad_sample_dtype(dp_config.grad_sample_precision)).bits
+            extra = {"dp-declined": 0, **privacy_metrics(privacy, steps=steps), "dp-grad-sample-bits": bits}
         metrics = {
             "num-examples": len(self.targets),  # users: the weight of this site in the average
             "train-examples": examples,

@@ -163,7 +163,7 @@ def test_only_trainable_arrays_and_scalar_metrics_leave_a_site(simulated, tiny_b
                        "lambda-word", "lambda-sentence", "lambda-paragraph", "mrr", "dp-declined",
                        *(f"dp-{k}" for k in ("noise-multiplier", "sample-rate", "steps", "total-steps", "clip-norm",
                                              "delta", "epsilon", "budget", "accountant", "users", "release-noise-multiplier",
-                                             "releases")),
+                                             "releases", "grad-sample-bits")),
                        *(f"{m}@{k}" for m in ("recall", "ndcg", "explore_recall") for k in (10, 20))}
     phases = {phase for phase, _ in captured}
     assert phases == {"train", "evaluate"} and len(captured) == 12  # 3 sites x 2 rounds x (train + evaluate)

@@ -9,7 +9,7 @@ from opacus.accountants import create_accountant
 
 from hiermodel.errors import ConfigError
 from hiermodel.model import HierModelConfig
-from hiermodel.privacy import DPConfig, PrivacyPlan, plan_privacy, private_round
+from hiermodel.privacy import DPConfig, PrivacyPlan, grad_sample_dtype, plan_privacy, private_round
 from hiermodel.site_trainer import SiteTrainer
 from hiermodel.training import TrainConfig
 from tests.helpers import toy_dataset
@@ -71,6 +71,8 @@ def test_a_site_with_a_tiny_budget_declines_and_spends_nothing_beyond_it(site: S
         if result.metrics["dp-declined"]:
             assert result.metrics["num-examples"] == 0
             assert all(np.array_equal(result.state[k], state[k]) for k in state)  # nothing trained
+        else:  # the precision auto resolved to on this CPU, in the site's metrics
+            assert result.metrics["dp-grad-sample-bits"] == torch.finfo(grad_sample_dtype("auto")).bits
         state = result.state
     assert rounds[0] == 0 and rounds[-1] == 1  # trained while the budget allowed, then declined
     spent = plan.total_steps
@@ -154,8 +156,6 @@ def test_frozen_values_get_neither_gradient_nor_noise_and_train_again_after_the_
 
 
 def test_dp_grad_sample_precision_is_checked() -> None:
-    from hiermodel.privacy import grad_sample_dtype
-
     with pytest.raises(ConfigError, match="unknown dp.grad-sample-precision 'half'"):
         DPConfig(grad_sample_precision="half")
     assert grad_sample_dtype("float32") == torch.float32 and grad_sample_dtype("bfloat16") == torch.bfloat16
