@@ -66,7 +66,7 @@ def _item_tower_grad_sample(layer: ItemTower, activations: list[torch.Tensor], b
     bias = backprops.new_empty(batch, d)
     # a few users at a time: each chunk's (b, d, C) backprop stays in the cache, where the whole batch's
     # (64 × 64 × 3,659 floats at Online Retail) would cost more in memory traffic than in arithmetic
-    step = max(1, _CHUNK_ELEMENTS // (d * n))
+    step = max(1, _CHUNK_ELEMENTS // max(1, d * n))  # no items: zero gradients
     for start in range(0, batch, step):
         part = slice(start, start + step)
         chunk_unit, chunk_kept = (unit, kept) if shared else (unit[part], kept[part])

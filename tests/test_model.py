@@ -227,3 +227,28 @@ def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(share
         assert close(per_sample["weight"][user], tower.weight.grad)
         assert close(per_sample["bias"][user], tower.bias.grad)
     assert per_sample["weight"][1].abs().sum() == 0 and per_sample["weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_item_towers_per_sample_gradients_of_no_candidates_are_zero(shared: bool) -> None:
+    from opacus import GradSampleModule
+
+    from hiermodel.scorer import ItemTower
+
+    tower = ItemTower(5, 3)
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, x, u):
+            return self.tower(x, u)
+
+    module = GradSampleModule(Probe(), batch_first=True, loss_reduction="sum")
+    users = torch.randn(2, 3, 3, requires_grad=True)
+    items = torch.randn(0, 5) if shared else torch.randn(2, 0, 5)
+    (module(items, users).sum() + 0 * users.sum()).backward()
+    assert tower.weight.grad_sample.shape == (2, 3, 5) and not tower.weight.grad_sample.any()
+    assert tower.bias.grad_sample.shape == (2, 3) and not tower.bias.grad_sample.any()
+    module.remove_hooks()
