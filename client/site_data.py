@@ -33,7 +33,7 @@ def site_trainer(node_config: dict, config: RunConfig) -> tuple[SiteTrainer, int
     path, index = site_data_path(node_config, config)
     key = (path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), config.dp.enabled)
     if key not in _SITES:
-        reuse_freed_memory()  # a site process that `hierfed` did not start (flower-supernode's own ClientApp)
+        reuse_freed_memory()  # this site's process: a Ray worker, or a SuperNode's ClientApp
         _SITES[key] = SiteTrainer(dataclasses.replace(config.data, dataset=path).load(), config.model,
                                   private=config.dp.enabled)
     return _SITES[key], index

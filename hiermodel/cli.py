@@ -259,7 +259,7 @@ def _check_groups(overrides: dict, groups: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    reuse_freed_memory()  # before any large tensor, and in the environment of the processes a command starts
+    reuse_freed_memory()  # before any large tensor (hiermodel/heap.py)
     args = build_parser().parse_args(argv)
     module, _, function = HANDLERS[args.command].partition(":")
     try:

@@ -3,12 +3,15 @@
 A step at Online Retail allocates several tensors of 15-60 MB (the scorer's users × items × hidden
 activations and their gradients). glibc serves every block over 32 MB from fresh pages of its own
 (mmap) and returns them at free, so every step page-faults and zeroes them all again. With those
-blocks taken from the heap and the heap never trimmed, a freed block is reused: the same numbers,
-a plain step about 1.4 × faster here, for a peak memory about 10 % higher (BENCHMARKS.md).
+blocks taken from the heap and the heap never trimmed, a freed block is reused: the same numbers up
+to rounding, a plain step about 1.3 × faster here. The cost: the process keeps its highest memory
+use until it ends (BENCHMARKS.md). So only the processes that train or evaluate call this (the
+`hierfed` command, a site's ClientApp, the ServerApp), each for itself: nothing is passed on to
+the processes they start.
 
-Off with HIERFED_KEEP_FREED_MEMORY=0, or when the environment sets any of glibc's MALLOC_* tuning
-variables: the user manages the heap (setting any of them also turns glibc's own adaptive threshold
-off). Elsewhere than glibc this does nothing.
+Off with HIERFED_KEEP_FREED_MEMORY=0 (or false, no, off), and when the user set glibc's heap thresholds themselves
+(MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_, or the same in
+GLIBC_TUNABLES). Where the C library is not glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -17,26 +20,30 @@ import ctypes
 import os
 import sys
 
-# glibc's mallopt parameters (malloc.h) and the values set
+# glibc's mallopt parameters (malloc.h) and the values set: no mmap for large blocks, never trim
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-SETTINGS = {"MALLOC_MMAP_MAX_": (M_MMAP_MAX, 0), "MALLOC_TRIM_THRESHOLD_": (M_TRIM_THRESHOLD, 2**31 - 1)}  # mallopt takes an int
-# glibc's heap tuning variables: any of them set means the user manages the heap (or a parent hierfed set it)
-USER_VARIABLES = (*SETTINGS, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+SETTINGS = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # mallopt takes an int
+USER_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+USER_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold",
+                 "glibc.malloc.top_pad")
 OPT_OUT = "HIERFED_KEEP_FREED_MEMORY"
+_done = False  # once per process
 
 
-def reuse_freed_memory() -> dict[str, bool]:
-    """Set the heap so, in this process (mallopt) and for the processes it starts (the environment: Ray's
-    workers, a SuperNode), unless the user chose otherwise; returns what was set here, by variable."""
-    chosen = any(v in os.environ for v in USER_VARIABLES) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
-    if os.environ.get(OPT_OUT, "1") == "0" or chosen:
-        return {}  # off, the user's own heap settings, or set already (glibc read them at this process's start)
+def reuse_freed_memory() -> bool:
+    """Set this process's heap so (once); whether it is set now."""
+    global _done
+    if _done:
+        return True
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off") or any(v in os.environ for v in USER_VARIABLES)
+            or any(t in tunables for t in USER_TUNABLES)):
+        return False
     mallopt = _glibc_mallopt()
-    applied = {}
-    for variable, (parameter, value) in SETTINGS.items():
-        os.environ[variable] = str(value)
-        applied[variable] = bool(mallopt is not None and mallopt(parameter, value) == 1)
-    return applied
+    if mallopt is None:
+        return False
+    _done = all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
+    return _done
 
 
 def _glibc_mallopt():

@@ -29,7 +29,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("flwr").propagate = False  # Opacus adds a root handler: don't print Flower's log twice
-    reuse_freed_memory()  # the ServerApp process of a deployment; `hierfed simulate` has set it already
+    reuse_freed_memory()  # it evaluates the global model each round (in `hierfed simulate`, set already)
     run_server(grid, context.run_config)
 
 

@@ -1,62 +1,78 @@
-"""The process heap keeps freed memory (hiermodel.heap): set here and for the processes a command starts,
-never over a user's own heap settings, and off on request."""
+"""The process heap keeps freed memory (hiermodel.heap): glibc really serves large blocks from the heap
+afterwards and keeps them, never over a user's own heap settings, off on request, once per process."""
 
+import ctypes
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from hiermodel import heap
 
+# allocate and free 40 MB (glibc's default: a fresh mapping of its own, returned at free), then report
+# the blocks mapped for it and the heap's size after the free
+PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from hiermodel import heap
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+    libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+    set_here = heap.reuse_freed_memory() if sys.argv[1] == "on" else False
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(40 << 20)
+    ctypes.memset(block, 1, 40 << 20)
+    mapped = libc.mallinfo2().hblks - before
+    libc.free(block)
+    print(set_here, mapped, libc.mallinfo2().arena >= 40 << 20)
+""")
 
-@pytest.fixture
-def mallopt_calls(monkeypatch) -> list:
+
+def _glibc_with_mallinfo2() -> bool:
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+def _probe(mode: str, **env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in (*heap.USER_VARIABLES, heap.OPT_OUT, "GLIBC_TUNABLES")}
+    return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                          env={**clean, **env}).stdout.split()
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc 2.33 or newer (mallinfo2)")
+def test_large_blocks_come_from_the_heap_and_stay_there() -> None:
+    assert _probe("off") == ["False", "1", "False"]  # glibc's default: a mapping of its own, unmapped at free
+    assert _probe("on") == ["True", "0", "True"]  # from the heap, and kept there after the free
+    # the user's own thresholds, or the opt-out, leave glibc's behaviour alone
+    assert _probe("on", MALLOC_MMAP_THRESHOLD_=str(64 << 20))[0] == "False"
+    assert _probe("on", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")[0] == "False"
+    assert _probe("on", HIERFED_KEEP_FREED_MEMORY="0") == ["False", "1", "False"]
+    # a tunable that is no heap threshold does not count, and nothing reaches a child process
+    assert _probe("on", GLIBC_TUNABLES="glibc.malloc.arena_max=2") == ["True", "0", "True"]
+
+
+def test_it_is_set_once_and_passes_nothing_on(monkeypatch) -> None:
     for variable in (*heap.USER_VARIABLES, heap.OPT_OUT, "GLIBC_TUNABLES"):  # set, then removed: undone after the test
         monkeypatch.setenv(variable, "")
         monkeypatch.delenv(variable)
     calls = []
+    monkeypatch.setattr(heap, "_done", False)
     monkeypatch.setattr(heap, "_glibc_mallopt", lambda: lambda parameter, value: calls.append((parameter, value)) or 1)
-    return calls
+    before = dict(os.environ)
+    assert heap.reuse_freed_memory() and heap.reuse_freed_memory()
+    assert calls == list(heap.SETTINGS.items()) and dict(os.environ) == before
 
 
-def test_it_sets_the_heap_here_and_for_child_processes(mallopt_calls) -> None:
-    assert heap.reuse_freed_memory() == {"MALLOC_MMAP_MAX_": True, "MALLOC_TRIM_THRESHOLD_": True}
-    assert sorted(mallopt_calls) == sorted(heap.SETTINGS.values())
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_MMAP_MAX_'], os.environ['MALLOC_TRIM_THRESHOLD_'])"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    assert child == ["0", str(2**31 - 1)]
-    mallopt_calls.clear()
-    assert heap.reuse_freed_memory() == {} and mallopt_calls == []  # set already (as in a child): nothing to do
-
-
-@pytest.mark.parametrize("variable, value", [("MALLOC_MMAP_THRESHOLD_", "1048576"), ("MALLOC_MMAP_MAX_", "65536"),
-                                             ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576"),
-                                             (heap.OPT_OUT, "0")])
-def test_a_users_own_heap_settings_or_the_opt_out_leave_it_alone(mallopt_calls, monkeypatch, variable, value) -> None:
-    monkeypatch.setenv(variable, value)
-    assert heap.reuse_freed_memory() == {} and mallopt_calls == []
-    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ and os.environ[variable] == value
-
-
-def test_other_glibc_tunables_do_not_count(mallopt_calls, monkeypatch) -> None:
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
-    assert heap.reuse_freed_memory() == {"MALLOC_MMAP_MAX_": True, "MALLOC_TRIM_THRESHOLD_": True}
-
-
-def test_without_glibc_only_the_environment_is_set(mallopt_calls, monkeypatch) -> None:
-    monkeypatch.setattr(heap, "_glibc_mallopt", lambda: None)
-    assert heap.reuse_freed_memory() == {"MALLOC_MMAP_MAX_": False, "MALLOC_TRIM_THRESHOLD_": False}
-    assert os.environ["MALLOC_MMAP_MAX_"] == "0"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_glibc_takes_the_settings_in_a_fresh_process() -> None:
-    """The real mallopt, in a process of its own (the test process keeps its heap as it is)."""
-    if heap._glibc_mallopt() is None:
-        pytest.skip("no glibc here")
-    code = ("import os\nfor v in ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TOP_PAD_', "
-            "'HIERFED_KEEP_FREED_MEMORY', 'GLIBC_TUNABLES'): os.environ.pop(v, None)\n"
-            "from hiermodel import heap\nprint(heap.reuse_freed_memory())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str({"MALLOC_MMAP_MAX_": True, "MALLOC_TRIM_THRESHOLD_": True})
+@pytest.mark.parametrize("answer", [None, 0])  # no glibc; or glibc refusing a setting
+def test_without_glibc_it_does_nothing(monkeypatch, answer) -> None:
+    monkeypatch.setattr(heap, "_done", False)
+    monkeypatch.setattr(heap, "_glibc_mallopt", lambda: None if answer is None else (lambda parameter, value: answer))
+    for variable in (*heap.USER_VARIABLES, heap.OPT_OUT, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(variable, raising=False)
+    assert heap.reuse_freed_memory() is False
