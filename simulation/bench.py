@@ -227,6 +227,10 @@ def run_bench(*, suites: list[str], settings: BenchSettings, out: Path, command:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ConfigError(f"unknown bench suite {unknown[0]!r}; valid: {', '.join(SUITES)}")
+    if "quality" in suites:  # a table --resume / --resume-from cannot keep stops the bench before any suite runs
+        from simulation.bench_quality import QualitySettings, check_earlier_tables
+
+        check_earlier_tables(settings.data, settings.model, settings.quality or QualitySettings(), out=out)
     started = time.perf_counter()
     report: dict = {"machine": machine(), "command": command}
     if "speed" in suites:

@@ -152,6 +152,53 @@ def _federated_run(base_flat: dict, row: Row, *, seed: int, rounds: int, out: Pa
             "out": str(out)}
 
 
+def _table_settings(data, model: HierModelConfig, settings: QualitySettings):
+    """The data, model and train settings every run of the table uses, their flat run config, and the
+    fingerprint that every run of one table must share (JSON's own form, so that a stored copy compares equal)."""
+    from hiermodel.run_config import to_flat
+
+    train = settings.train if settings.epochs is None else dataclasses.replace(settings.train, epochs=settings.epochs)
+    if settings.synthetic_users and data.dataset == "synthetic":
+        data = dataclasses.replace(data, synthetic_users=settings.synthetic_users)
+    model = dataclasses.replace(model, **settings.model_changes)
+    base_flat = {**to_flat(data, "data"), **to_flat(model, "model"), **to_flat(settings.train, "train"),
+                 **to_flat(settings.fed, "fed"), **to_flat(settings.dp, "dp")}
+    base_flat = {k: v for k, v in base_flat.items() if not k.startswith("fed.") or k in _FED_KEYS}
+    fingerprint = json.loads(json.dumps({**base_flat, "bench.epochs": train.epochs, "bench.rounds": settings.rounds,
+                                         "bench.quick": settings.quick}))
+    return data, model, train, base_flat, fingerprint
+
+
+def earlier_tables(folder: Path, fingerprint: dict, settings: QualitySettings, *, log=print,
+                   check_only: bool = False) -> dict[str, dict[int, dict]]:
+    """The runs to keep, by row and seed: OUT/quality/quality.json's with --resume (or --resume-from), then
+    each --resume-from table's (the first copy of a run wins). ``check_only`` reads and checks them and
+    sets nothing aside, so that a bad table stops the bench before any suite runs."""
+    own = folder / "quality.json"
+    if check_only and not own.exists():
+        kept = {}
+    else:
+        resume = settings.resume or bool(settings.resume_from)
+        kept = _earlier_runs(own, fingerprint, resume=resume or check_only, log=log if not check_only else _quiet)
+    for table in settings.resume_from:  # e.g. rows that other processes ran at the same time
+        for name, runs in _earlier_runs(table, fingerprint, resume=True, log=log if not check_only else _quiet,
+                                        flag="--resume-from").items():
+            for seed, run in runs.items():
+                kept.setdefault(name, {}).setdefault(seed, run)
+    return kept
+
+
+def check_earlier_tables(data, model: HierModelConfig, settings: QualitySettings, *, out: Path) -> None:
+    """Before any suite runs: the tables --resume / --resume-from would keep are readable and made with
+    these settings (else one line and exit 2, with no suite's figures lost)."""
+    if settings.resume or settings.resume_from:
+        earlier_tables(out / "quality", _table_settings(data, model, settings)[-1], settings, check_only=True)
+
+
+def _quiet(*_) -> None:
+    return None
+
+
 def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, out: Path, log=print) -> dict:
     """Run the selected rows over the seeds; write quality.json after every run and quality.png at the end.
 
@@ -161,33 +208,20 @@ def quality_suite(data, model: HierModelConfig, settings: QualitySettings, *, ou
     of other tables (the same settings), so that rows run by several processes at once make one table."""
     from hiermodel.jobs import evaluate_baselines
     from hiermodel.pipeline import prepare
-    from hiermodel.run_config import to_flat
 
     if settings.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {settings.seeds}")
     rows = select_rows(settings.rows, settings.epsilons)
-    train = settings.train if settings.epochs is None else dataclasses.replace(settings.train, epochs=settings.epochs)
-    if settings.synthetic_users and data.dataset == "synthetic":
-        data = dataclasses.replace(data, synthetic_users=settings.synthetic_users)
-    model = dataclasses.replace(model, **settings.model_changes)
-    base_flat = {**to_flat(data, "data"), **to_flat(model, "model"), **to_flat(settings.train, "train"),
-                 **to_flat(settings.fed, "fed"), **to_flat(settings.dp, "dp")}
-    base_flat = {k: v for k, v in base_flat.items() if not k.startswith("fed.") or k in _FED_KEYS}
-    # what every run of one table must share; JSON's own form, so that a stored copy compares equal
-    fingerprint = json.loads(json.dumps({**base_flat, "bench.epochs": train.epochs, "bench.rounds": settings.rounds,
-                                         "bench.quick": settings.quick}))
+    data, model, train, base_flat, fingerprint = _table_settings(data, model, settings)
     folder = out / "quality"
-    kept = _earlier_runs(folder / "quality.json", fingerprint, resume=settings.resume or bool(settings.resume_from), log=log)
-    for table in settings.resume_from:  # e.g. rows that other processes ran at the same time; the first copy of a run wins
-        for name, runs in _earlier_runs(table, fingerprint, resume=True, log=log).items():
-            for seed, run in runs.items():
-                kept.setdefault(name, {}).setdefault(seed, run)
+    kept = earlier_tables(folder, fingerprint, settings, log=log)
     started = time.perf_counter()
     dataset = data.load()
     summary = dataset.summary()
     report: dict = {
         "data": {"name": dataset.name, "users": len(dataset.users), "items": dataset.num_items, "summary": summary},
-        "settings": {"seeds": list(range(settings.seeds)), "epochs": train.epochs, "patience": train.patience,
+        # the seeds of this run and of every run kept (a merged table may hold more than --seeds)
+        "settings": {"seeds": sorted({*range(settings.seeds), *(seed for runs in kept.values() for seed in runs)}), "epochs": train.epochs, "patience": train.patience,
                      "rounds": settings.rounds, "local_epochs": settings.fed.local_epochs, "epsilons": list(settings.epsilons), "rows": [r.name for r in rows],
                      "quick": settings.quick, "train": dataclasses.asdict(train)},
         "config": fingerprint,
@@ -248,8 +282,9 @@ def _set_rows(report: dict, finished: dict[str, dict], started: float) -> None:
     report["seconds"] = time.perf_counter() - started
 
 
-def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[str, dict[int, dict]]:
-    """The runs of an earlier quality.json, by row and seed, when resuming; otherwise it is set aside."""
+def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log, flag: str = "--resume") -> dict[str, dict[int, dict]]:
+    """The runs of an earlier quality.json, by row and seed, when resuming; otherwise it is set aside.
+    ``flag`` names the option that brought the table in, for the messages."""
     if not path.exists():
         if resume:
             log(f"quality: --resume: no {path} yet, starting the table")
@@ -264,16 +299,18 @@ def _earlier_runs(path: Path, fingerprint: dict, *, resume: bool, log) -> dict[s
         stored, rows = earlier["config"], earlier["rows"]
         runs = {r["name"]: {int(run["seed"]): run for run in r["runs"]} for r in rows}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"--resume: {path} is unreadable or from an older hierfed ({exc!r}); pass another --out, "
-                        "or move it away to start the table again") from None
+        advice = ("pass another --out, or move it away to start the table again" if flag == "--resume"
+                  else "pass a quality.json that `hierfed bench --suite quality` wrote")
+        raise DataError(f"{flag}: {path} is unreadable or from an older hierfed ({exc!r}); {advice}") from None
     defaults = _default_flat()
     for key in sorted(set(stored) | set(fingerprint)):
         # a key newer than the earlier table is the same setting at its default (what the code before it did)
         earlier = stored.get(key, defaults.get(key))
         if earlier != fingerprint.get(key):
-            raise ConfigError(f"--resume: {path} was made with {key}={earlier!r}, this run has "
-                              f"{fingerprint.get(key)!r}; resume with the same settings, or pass another --out")
-    log(f"quality: --resume: {sum(map(len, runs.values()))} runs kept from {path}")
+            advice = "or pass another --out" if flag == "--resume" else "or leave that table out"
+            raise ConfigError(f"{flag}: {path} was made with {key}={earlier!r}, this run has "
+                              f"{fingerprint.get(key)!r}; resume with the same settings, {advice}")
+    log(f"quality: {flag}: {sum(map(len, runs.values()))} runs kept from {path}")
     return runs
 
 

@@ -119,15 +119,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     # the scaling points choose their own data; every other key (model.*, dp.*, ...) applies to each of them
     scaling = scaling_settings(quick=args.quick, overrides={k: v for k, v in flat.items() if k != "data.dataset"},
                                points=args.scaling_points, rounds=args.rounds)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()] or list(SUITES)
+    if (args.resume or args.resume_from) and "quality" not in suites:
+        flag = "--resume" if args.resume else "--resume-from"
+        raise ConfigError(f"{flag} continues the quality suite's table, and --suite {args.suite} has no quality: add it")
     quality = quality_settings(quick=args.quick, overrides=flat, seeds=args.seeds, epochs=args.epochs, rounds=args.rounds,
                                rows=args.rows, resume=args.resume, resume_from=tuple(args.resume_from))
     settings = BenchSettings(data=config.data, model=dataclasses.replace(config.model, use_popularity=True), scaling=scaling,
                              quality=quality)
     if args.quick:
         settings = dataclasses.replace(settings, steps=5, naive_steps=1, encode_items=128)
-    suites = [s.strip() for s in args.suite.split(",") if s.strip()] or list(SUITES)
-    if (args.resume or args.resume_from) and "quality" not in suites:
-        flag = "--resume" if args.resume else "--resume-from"
-        raise ConfigError(f"{flag} continues the quality suite's table, and --suite {args.suite} has no quality: add it")
     run_bench(suites=suites, settings=settings, out=args.out, command="hierfed " + " ".join(sys.argv[1:]))
     return 0

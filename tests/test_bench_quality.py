@@ -213,7 +213,7 @@ def test_resume_from_merges_tables_that_other_processes_made(tiny_backbone: str,
         return json.loads((out / "quality" / "quality.json").read_text())
 
     assert bench(tmp_path / "a", "--rows", "ppop,central") == 0
-    assert bench(tmp_path / "b", "--rows", "gpop,no-repeat") == 0
+    assert bench(tmp_path / "b", "--rows", "gpop,central,no-repeat", "--seeds", "2") == 0  # central seed 0 in both
     a, b = table(tmp_path / "a"), table(tmp_path / "b")
     capsys.readouterr()
     merged = tmp_path / "merged"
@@ -223,8 +223,10 @@ def test_resume_from_merges_tables_that_other_processes_made(tiny_backbone: str,
     assert log.count("kept from the earlier run") == 4 and "levels-1 seed 0: ndcg@10" in log  # only the new row ran
     rows = {r["name"]: r for r in table(merged)["rows"]}
     assert list(rows) == ["gpop", "ppop", "central", "levels-1", "no-repeat"]  # table order
-    assert rows["central"]["runs"] == next(r for r in a["rows"] if r["name"] == "central")["runs"]
+    a_central, b_central = (next(r for r in t["rows"] if r["name"] == "central")["runs"] for t in (a, b))
+    assert rows["central"]["runs"] == [a_central[0], b_central[1]]  # seed 0: the first table's copy; seed 1: b's
     assert rows["no-repeat"]["runs"] == next(r for r in b["rows"] if r["name"] == "no-repeat")["runs"]
+    assert table(merged)["settings"]["seeds"] == [0, 1]  # b's second seed is in the table, and the settings say so
 
     other = tmp_path / "other"
     assert main(["bench", "--quick", "--suite", "quality", "--backbone", tiny_backbone, "--out", str(other), "--epochs", "1",
@@ -236,6 +238,16 @@ def test_resume_from_merges_tables_that_other_processes_made(tiny_backbone: str,
     assert bench(merged, "--rows", "gpop", "--resume-from", str(tmp_path / "nothing.json")) == 2
     err = capsys.readouterr().err
     assert "--resume-from" in err and "no such file" in err and len(err.strip().splitlines()) == 1
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert bench(merged, "--rows", "gpop", "--resume-from", str(broken)) == 2
+    err = capsys.readouterr().err
+    assert "--resume-from" in err and "unreadable" in err and table(merged) == before
+    # a table that cannot be kept stops the bench before any other suite runs (their figures would be lost)
+    assert main(["bench", "--quick", "--suite", "speed,quality", "--backbone", tiny_backbone, "--out", str(merged),
+                 "--epochs", "1", "--run-config", TINY, "--resume-from", str(other / "quality" / "quality.json")]) == 2
+    captured = capsys.readouterr()
+    assert "was made with train.lr=" in captured.err and "speed:" not in captured.out
     assert main(["bench", "--suite", "speed", "--resume-from", str(tmp_path / "a" / "quality" / "quality.json"),
                  "--out", str(tmp_path / "s")]) == 2
     assert "--resume-from continues the quality suite" in capsys.readouterr().err
