@@ -168,6 +168,21 @@ def test_one_opacus_step_gives_per_sample_gradients(toy) -> None:
     assert any(not np.allclose(before[k], after[k]) for k in before)
 
 
+def _hooked_tower(tower):
+    """The tower alone under Opacus' hooks (a module of its own, as GradSampleModule wraps a model)."""
+    from opacus import GradSampleModule
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, x, u):
+            return self.tower(x, u)
+
+    return GradSampleModule(Probe(), batch_first=True, loss_reduction="sum")
+
+
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k, bias", [(1, False), (3, False), (3, True)])
@@ -179,8 +194,6 @@ def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(share
     is below eps (F.normalize divides it by eps: no radial part) beside ordinary ones, a user vector of
     zeros, k vectors a user; in bfloat16 (dp.grad-sample-precision) to within 1 % of the norm, handed
     over as float32; the batch in one chunk of users, in chunks with a shorter last one, one user a chunk."""
-    from opacus import GradSampleModule
-
     from hiermodel import scorer
     from hiermodel.scorer import ItemTower
 
@@ -200,15 +213,7 @@ def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(share
     vectors.requires_grad_(True)
     weights = torch.randn(users, k, n)  # each user's loss: Σ weights ⊙ cosines
 
-    class Probe(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tower = tower
-
-        def forward(self, x, u):
-            return self.tower(x, u)
-
-    module = GradSampleModule(Probe(), batch_first=True, loss_reduction="sum")
+    module = _hooked_tower(tower)
     tower.grad_sample_dtype = dtype
     (module(items, vectors) * weights).sum().backward()
     per_sample = {"weight": tower.weight.grad_sample.clone(), "bias": tower.bias.grad_sample.clone()}
@@ -231,21 +236,11 @@ def test_the_item_towers_per_sample_gradients_go_through_its_normalisation(share
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_the_item_towers_per_sample_gradients_of_no_candidates_are_zero(shared: bool) -> None:
-    from opacus import GradSampleModule
-
     from hiermodel.scorer import ItemTower
 
     tower = ItemTower(5, 3)
 
-    class Probe(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tower = tower
-
-        def forward(self, x, u):
-            return self.tower(x, u)
-
-    module = GradSampleModule(Probe(), batch_first=True, loss_reduction="sum")
+    module = _hooked_tower(tower)
     users = torch.randn(2, 3, 3, requires_grad=True)
     items = torch.randn(0, 5) if shared else torch.randn(2, 0, 5)
     (module(items, users).sum() + 0 * users.sum()).backward()
