@@ -32,13 +32,15 @@ class RunResults:
         self.ledger = PrivacyLedger(run_dir.folder / LEDGER_FILE) if config.dp.ledgered else None
 
     def end_round(
-        self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float], *, evaluate_seconds: float = 0.0
+        self, server_round: int, state: dict[str, np.ndarray], server_metrics: dict[str, float], *, evaluate_seconds: float = 0.0,
+        optimizer: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Called once the round's global state exists: checkpoint it and flush results.json."""
+        """Called once the round's global state exists: checkpoint it (with the server optimizer's state)
+        and flush results.json."""
         if server_round == 0:
             self.initial = server_metrics
             return
-        checkpoint = self.run_dir.checkpoint(server_round, state)
+        checkpoint = self.run_dir.checkpoint(server_round, state, optimizer)
         entry = self.round_log.entry(server_round)
         privacy = self._privacy_records(server_round, entry) if self.ledger is not None else []
         row = {

@@ -19,7 +19,7 @@ import numpy as np
 
 from hiermodel.errors import DataError
 from server.ledger import LEDGER_FILE, completed_rounds, keep_completed_rounds
-from server.run_directory import RESULTS_FILE, RunDirectory
+from server.run_directory import RESULTS_FILE, RunDirectory, split_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 class ResumePoint:
     completed: int = 0  # rounds done; the run continues with the next one
     state: dict[str, np.ndarray] | None = None  # the global state after them (None: start from scratch)
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's state after them
     rows: list[dict] = field(default_factory=list)  # their results.json rows
     initial: dict = field(default_factory=dict)  # the server evaluation before round 1
     set_aside: list[str] = field(default_factory=list)  # what was moved out of the way, for the log
@@ -47,7 +48,7 @@ def find_resume_point(run_dir: RunDirectory, *, dp: bool) -> ResumePoint:
             continue  # the results row came before the ledger round: not possible in order, but never trust it
         checkpoint = row.get("checkpoint") or {}
         try:
-            point.state = run_dir.load_checkpoint(k, str(checkpoint.get("sha256", "")))
+            point.state, point.optimizer = split_checkpoint(run_dir.load_checkpoint(k, str(checkpoint.get("sha256", ""))))
         except DataError as exc:
             # refused, never used: fall back to the round before it and train this one again
             logger.warning("%s; resuming from an earlier round", exc)

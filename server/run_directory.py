@@ -24,6 +24,9 @@ from hiermodel.run_config import RunConfig
 CONFIG_FILE_NAME = "run_config.json"
 RESULTS_FILE = "results.json"
 CENTRAL_PRIVACY_FILE = "central_privacy.json"  # central DP's spend so far (server.central_privacy)
+# a checkpoint's arrays of the server optimizer (FedAdam's moments), beside the model's: no parameter
+# name has a slash
+OPTIMIZER_PREFIX = "server-optimizer/"
 
 
 class RunDirectory:
@@ -75,21 +78,25 @@ class RunDirectory:
     def checkpoint_path(self, server_round: int) -> Path:
         return self.folder / "checkpoints" / f"round-{server_round:04d}.safetensors"
 
-    def checkpoint(self, server_round: int, state: dict[str, np.ndarray]) -> dict[str, str]:
-        """The global trainable state after a round, as safetensors: temporary file, fsync, rename.
+    def checkpoint(self, server_round: int, state: dict[str, np.ndarray],
+                   optimizer: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+        """The global trainable state after a round, and the server optimizer's state (under
+        OPTIMIZER_PREFIX), as safetensors: temporary file, fsync, rename.
 
         Returns the file name and its SHA-256, which the round's results row keeps to check it later.
         """
         path = self.checkpoint_path(server_round)
         tmp = path.with_suffix(".tmp")
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
+        arrays = {**state, **{OPTIMIZER_PREFIX + k: v for k, v in (optimizer or {}).items()}}
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp))
         digest = file_sha256(tmp, sync=True)
         os.replace(tmp, path)
         sync_folder(path.parent)
         return {"file": f"checkpoints/{path.name}", "sha256": digest}
 
     def load_checkpoint(self, server_round: int, sha256: str) -> dict[str, np.ndarray]:
-        """A round's checkpoint, after checking it against its SHA-256; DataError when it does not match."""
+        """A round's checkpoint, after checking it against its SHA-256; DataError when it does not match.
+        The server optimizer's arrays, if any, are among them under OPTIMIZER_PREFIX (split_checkpoint)."""
         path = self.checkpoint_path(server_round)
         try:
             digest = file_sha256(path)
@@ -132,6 +139,12 @@ class RunDirectory:
         if lambdas:
             paths.append(plot_series(self.folder / "lambda.png", x=x, panels=lambdas, xlabel="round"))
         return paths
+
+
+def split_checkpoint(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A checkpoint's model state and its server optimizer's state."""
+    state = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    return state, {k[len(OPTIMIZER_PREFIX):]: v for k, v in arrays.items() if k.startswith(OPTIMIZER_PREFIX)}
 
 
 def file_sha256(path: Path, *, sync: bool = False) -> str:

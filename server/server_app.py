@@ -70,6 +70,7 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
     central = _central_privacy(grid, config, run_dir) if config.dp.central != "off" else None
     strategy = build_strategy(config.fed, round_log, central=central)
     strategy.round_offset = point.completed
+    strategy.load_optimizer_state(point.optimizer)  # FedAdam's / FedYogi's moments go on where they were
     results = RunResults(config=config, round_log=round_log, run_dir=run_dir, model=global_model, log=log)
     results.resume_from(point.rows, point.initial)
     started = time.time()
@@ -80,7 +81,8 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
         state = {k: a.numpy() for k, a in arrays.items()}
         evaluated = time.perf_counter()
         metrics = global_model.evaluate(state)
-        results.end_round(server_round + point.completed, state, metrics, evaluate_seconds=time.perf_counter() - evaluated)
+        results.end_round(server_round + point.completed, state, metrics, evaluate_seconds=time.perf_counter() - evaluated,
+                          optimizer=strategy.optimizer_state())
         return MetricRecord(metrics) if metrics else None
 
     state = point.state if point.state is not None else global_model.initial_state()

@@ -17,6 +17,7 @@ from hiermodel.run_config import FedConfig, check_central_dp_strategy
 from server.central_privacy import AGGREGATION_WEIGHT, CentralPrivacy, wrap
 from server.update_validation import update_norm, update_problem
 
+SERVER_MOMENTS = ("m_t", "v_t")  # Flower's FedOpt strategies (FedAdam, FedYogi) keep these across rounds
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "bulyan")
 
 
@@ -92,6 +93,19 @@ class RecordingStrategy(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The server optimizer's state that lives across rounds (FedAdam's and FedYogi's moments), by
+        "moment/array"; empty for strategies without one. A checkpoint keeps it for a resumed run."""
+        return {f"{moment}/{key}": value for moment in SERVER_MOMENTS
+                for key, value in (getattr(self.strategy, moment, None) or {}).items()}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Give the wrapped strategy back the moments of optimizer_state()."""
+        for moment in SERVER_MOMENTS:
+            values = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{moment}/")}
+            if values and hasattr(self.strategy, moment):
+                setattr(self.strategy, moment, values)
 
     def configure_train(self, server_round, arrays, config, grid):
         server_round += self.round_offset

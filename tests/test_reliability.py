@@ -22,7 +22,7 @@ from hiermodel.run_config import FedConfig
 from server.audit import audit_ledger
 from server.ledger import LEDGER_FILE, PrivacyLedger, completed_rounds, read_ledger
 from server.resume import find_resume_point
-from server.run_directory import RunDirectory
+from server.run_directory import RunDirectory, split_checkpoint
 from server.strategy import RoundLog, build_strategy
 from server.update_validation import update_problem
 from tests.helpers import send_round, train_reply
@@ -233,6 +233,33 @@ def test_a_killed_server_resumes_with_nothing_lost_or_counted_twice(tiny_backbon
         site = next(r for r in report.sites if path.stem.endswith(r.site))
         assert site_steps == site.total_steps
     assert RunDirectory(out).read_config().fed.run_id == run_id  # the same run, not a new one
+
+
+def test_a_resumed_fedadam_run_goes_on_with_its_moments(tiny_backbone: str, tmp_path: Path, monkeypatch) -> None:
+    """FedAdam's moments are in each checkpoint: a run stopped after round 1 and resumed ends exactly where
+    the same run without a stop did (without its moments the resumed round 2 would step from zero ones)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    out = tmp_path / "run"
+    run_config = (f"data.synthetic-users=60 data.synthetic-sites=2 fed.rounds=2 model.backbone={tiny_backbone} "
+                  "model.dim=8 model.max-tokens=8 model.max-history-items=12 model.max-baskets=4 train.batch-size=16 "
+                  "fed.strategy=\"fedadam\" fed.server-lr=0.01")
+    assert main(["simulate", "--dataset", "synthetic", "--out", str(out), "--no-dp", "--run-config", run_config]) == 0
+    run_dir = RunDirectory(out)
+    results = json.loads((out / "results.json").read_text())
+    straight = split_checkpoint(run_dir.load_checkpoint(2, results["rounds"][1]["checkpoint"]["sha256"]))
+    after_round_1 = split_checkpoint(run_dir.load_checkpoint(1, results["rounds"][0]["checkpoint"]["sha256"]))[1]
+    assert sorted({k.split("/")[0] for k in after_round_1}) == ["m_t", "v_t"] and straight[1]
+
+    # the server stopped after round 1: its round-2 row and checkpoint never reached the disk
+    run_dir.write_results({**results, "rounds": results["rounds"][:1]})
+    run_dir.checkpoint_path(2).unlink()
+    assert main(["simulate", "--resume", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    resumed = split_checkpoint(run_dir.load_checkpoint(2, results["rounds"][1]["checkpoint"]["sha256"]))
+    for part, reference in zip(resumed, straight):  # the model, then the moments
+        assert part.keys() == reference.keys()
+        assert all(np.array_equal(part[k], reference[k]) for k in reference)
 
 
 def _run_with_rounds(folder: Path, rounds: int) -> RunDirectory:
