@@ -9,9 +9,9 @@ use until it ends (BENCHMARKS.md). So only the processes that train or evaluate 
 `hierfed` command, a site's ClientApp, the ServerApp), each for itself: nothing is passed on to
 the processes they start.
 
-Off with HIERFED_KEEP_FREED_MEMORY=0 (or false, no, off), and when the user set glibc's heap thresholds themselves
-(MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_, or the same in
-GLIBC_TUNABLES). Where the C library is not glibc it does nothing.
+Off with HIERFED_KEEP_FREED_MEMORY=0 (or false, no, off), and when the user set glibc's heap
+thresholds themselves (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_,
+MALLOC_TOP_PAD_, or the same in GLIBC_TUNABLES). Where the C library is not glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ def reuse_freed_memory() -> bool:
     global _done
     if _done:
         return True
+    opted_out = os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off") or any(v in os.environ for v in USER_VARIABLES)
-            or any(t in tunables for t in USER_TUNABLES)):
+    users_own = any(v in os.environ for v in USER_VARIABLES) or any(t in tunables for t in USER_TUNABLES)
+    if opted_out or users_own:
         return False
     mallopt = _glibc_mallopt()
     if mallopt is None:

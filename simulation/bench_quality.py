@@ -135,13 +135,13 @@ def _federated_run(base_flat: dict, row: Row, *, seed: int, rounds: int, out: Pa
     if row.epsilon is not None:
         flat["dp.target-epsilon"] = row.epsilon
     config = RunConfig.from_flat(flat)  # under DP the sites read popularity from their DP release
-    quiet = lambda *_: None  # noqa: E731 - the bench prints one line per run instead
-    config, sites, encoding = prepare_run(config, out=out, partition="natural", num_clients=None, log=quiet)
+    # the bench prints one line per run instead of theirs
+    config, sites, encoding = prepare_run(config, out=out, partition="natural", num_clients=None, log=_quiet)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.WARNING)  # Flower's per-round INFO lines (every config key) would bury the table's progress
     try:
-        results = simulate(config, num_sites=sites, cpus_per_site=cpus_per_site, encoding_seconds=encoding, log=quiet)
+        results = simulate(config, num_sites=sites, cpus_per_site=cpus_per_site, encoding_seconds=encoding, log=_quiet)
     finally:
         flwr_log.setLevel(level)
     final = results["rounds"][-1]
@@ -175,14 +175,11 @@ def earlier_tables(folder: Path, fingerprint: dict, settings: QualitySettings, *
     each --resume-from table's (the first copy of a run wins). ``check_only`` reads and checks them and
     sets nothing aside, so that a bad table stops the bench before any suite runs."""
     own = folder / "quality.json"
-    if check_only and not own.exists():
-        kept = {}
-    else:
-        resume = settings.resume or bool(settings.resume_from)
-        kept = _earlier_runs(own, fingerprint, resume=resume or check_only, log=log if not check_only else _quiet)
+    say = _quiet if check_only else log
+    resume = settings.resume or bool(settings.resume_from) or check_only  # a check never sets a table aside
+    kept = {} if check_only and not own.exists() else _earlier_runs(own, fingerprint, resume=resume, log=say)
     for table in settings.resume_from:  # e.g. rows that other processes ran at the same time
-        for name, runs in _earlier_runs(table, fingerprint, resume=True, log=log if not check_only else _quiet,
-                                        flag="--resume-from").items():
+        for name, runs in _earlier_runs(table, fingerprint, resume=True, log=say, flag="--resume-from").items():
             for seed, run in runs.items():
                 kept.setdefault(name, {}).setdefault(seed, run)
     return kept
