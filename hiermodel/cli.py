@@ -100,14 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that already holds one")
     p.add_argument("--inject-fault", action="append", default=[], metavar="KIND@SITE[:ROUND]",
                    help="testing: make simulated site SITE (partition index) misbehave every round or in ROUND; "
-                        "KIND: crash, hang, nan, poison, wrong-shape, extra-key, huge-weight (repeatable)")
+                        "KIND: crash, hang, nan, poison, wrong-shape, extra-key (repeatable)")
     p.add_argument("--num-clients", type=int, help="simulated sites (natural: default one per site)")
     p.add_argument("--partition", choices=("natural", "dirichlet", "iid"), default="natural",
                    help="natural = one site per data site (e.g. country); dirichlet / iid split users")
     p.add_argument("--min-site-users", type=int, default=0, help="natural: group sites with fewer users into one")
     p.add_argument("--alpha", type=number(float, above=0), default=0.5, help="dirichlet concentration (small = very non-IID)")
     p.add_argument("--rounds", type=int, help="federated rounds (fed.rounds, default 3)")
-    p.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, fedtrimmedavg")
+    p.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, fedtrimmedavg; against "
+                   "hostile sites fedmedian, krum, bulyan (fed.strategy)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (fed.local-epochs, default 1)")
     p.add_argument("--personal-lambda", action="store_true", help="keep each site's combiner λ local")
     p.add_argument("--backbone", help="model folder or hub name (default all-MiniLM-L6-v2)")

@@ -43,7 +43,10 @@ class RunDirectory:
         old = [self.folder / n for n in (RESULTS_FILE, "ledger.jsonl", CENTRAL_PRIVACY_FILE, "checkpoints", MODEL_DIR)]
         old = [p for p in old if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
         if not old:
-            return None
+            return None  # a run_config.json alone is this run's (`hierfed simulate` writes it first)
+        # the old run's settings (audit and resume read them) and its plots go with its records
+        old += [p for p in (self.folder / n for n in (CONFIG_FILE_NAME, "metrics.png", "lambda.png", "epsilon.png"))
+                if p.exists()]
         target = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
         target.mkdir()
         for path in old:

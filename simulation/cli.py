@@ -47,6 +47,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out} already holds a run (results.json); continue it with --resume {args.out}, "
                           "pick another --out, or pass --overwrite to start over there")
     config = run_config_from_args(args)  # every setting is checked here, before Ray starts
+    if args.overwrite:  # before this run writes anything there (its run_config.json, its partitions)
+        from server.run_directory import RunDirectory
+
+        previous = RunDirectory(args.out).set_aside_previous_run()
+        if previous is not None:
+            print(f"{args.out} held an earlier run: moved its results, ledger, checkpoints, model and settings "
+                  f"to {previous.name}/")
     config, num_sites, encoding_seconds = prepare_run(
         config,
         out=args.out,

@@ -86,13 +86,14 @@ def simulate(config: RunConfig, *, num_sites: int, cpus_per_site: float = 1.0, e
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
     from server.server_app import run_server
 
     if faults:
         from simulation.faults import faulty_client_app
 
         client_app = faulty_client_app(faults, round_timeout=config.fed.round_timeout)
+    else:
+        from client.client_app import app as client_app
 
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="hierfed-flwr-"))
     os.environ.update(_worker_env(config))  # Ray's workers start from this process's environment

@@ -75,3 +75,16 @@ def test_data_summary(capsys) -> None:
     assert main(["data", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["dataset"] == "synthetic" and summary["users"] == 600
+
+
+def test_simulate_help_names_every_strategy_and_fault(capsys) -> None:
+    from server.strategy import STRATEGIES
+    from simulation.faults import KINDS
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at spaces
+    named = {word.strip(",;()") for word in text.split()}
+    assert set(STRATEGIES) <= named
+    fault_help = text.partition("KIND:")[2].partition("(repeatable)")[0]
+    assert {word.strip(",") for word in fault_help.split()} == set(KINDS)

@@ -379,3 +379,21 @@ def test_a_ledger_from_before_the_digest_chain_still_audits(tmp_path: Path) -> N
     # read as before (the made-up ε of this ledger is a mismatch, nothing else: no gap, no tampering)
     assert {f.kind for f in audit_ledger(ledger).findings} == {"mismatch"}
     assert find_resume_point(RunDirectory(tmp_path), dp=True).completed == 2
+
+
+def test_overwrite_sets_the_old_run_aside_before_writing(tiny_backbone: str, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    old = {"results.json": "{}", "ledger.jsonl": "{}\n", "run_config.json": '{"old": true}',
+           "metrics.png": "png", "checkpoints/round-0001.safetensors": "weights"}
+    for name, text in old.items():
+        (run / name).write_text(text)
+    argv = ["simulate", "--dataset", "synthetic", "--backbone", tiny_backbone, "--out", str(run), "--prepare-only",
+            "--run-config", "data.synthetic-users=40 data.synthetic-sites=2"]
+    assert main([*argv, "--overwrite", "--rounds", "0"]) == 2  # bad settings: nothing moves
+    assert not list(run.glob("previous-*"))
+    assert main([*argv, "--overwrite"]) == 0
+    [previous] = run.glob("previous-*")
+    assert {name: (previous / name).read_text() for name in old} == old  # the old run whole, its settings too
+    assert json.loads((run / "run_config.json").read_text())["data.synthetic-users"] == 40  # the new run's
+    assert "held an earlier run" in capsys.readouterr().out
