@@ -35,8 +35,9 @@ class RunDirectory:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "checkpoints").mkdir(exist_ok=True)
 
-    def set_aside_previous_run(self) -> Path | None:
-        """A new run in a folder that holds an old one: move the old run's records into previous-<time>/.
+    def set_aside_previous_run(self, log=None) -> Path | None:
+        """A new run in a folder that holds an old one: move the old run's records into previous-<time>/
+        (and say so with ``log``).
 
         Without this the new run would append to the old ledger and overwrite its checkpoints.
         """
@@ -52,6 +53,9 @@ class RunDirectory:
         for path in old:
             os.replace(path, target / path.name)
         (self.folder / "checkpoints").mkdir(exist_ok=True)
+        if log is not None:
+            log(f"{self.folder} held an earlier run: moved its results, ledger, checkpoints, model and settings "
+                f"to {target.name}/")
         return target
 
     def write_config(self, config: RunConfig) -> None:

@@ -59,9 +59,7 @@ def run_server(grid: Grid, flat_config: Mapping[str, object], *, log=print) -> d
         point = find_resume_point(run_dir, dp=config.dp.ledgered)
         log(describe(point, run_dir.folder, config.fed.rounds))
     else:
-        previous = run_dir.set_aside_previous_run()
-        if previous is not None:
-            log(f"{run_dir.folder} held an earlier run: moved its results, ledger, checkpoints, model and settings to {previous.name}/")
+        run_dir.set_aside_previous_run(log)
         if not config.fed.run_id:
             config = dataclasses.replace(config, fed=dataclasses.replace(config.fed, run_id=uuid.uuid4().hex))
     run_dir.write_config(config)

@@ -50,10 +50,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.overwrite:  # before this run writes anything there (its run_config.json, its partitions)
         from server.run_directory import RunDirectory
 
-        previous = RunDirectory(args.out).set_aside_previous_run()
-        if previous is not None:
-            print(f"{args.out} held an earlier run: moved its results, ledger, checkpoints, model and settings "
-                  f"to {previous.name}/")
+        RunDirectory(args.out).set_aside_previous_run(print)
     config, num_sites, encoding_seconds = prepare_run(
         config,
         out=args.out,
