@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hiermodel.errors import ConfigError, DataError
-from server.ledger import CENTRAL_SITE, GENESIS, LEDGER_FILE, LEGACY_DIGEST, read_ledger, round_digest
+from server.ledger import CENTRAL_SITE, EPSILON_PLOT, GENESIS, LEDGER_FILE, LEGACY_DIGEST, read_ledger, round_digest
 
 DEFAULT_TOLERANCE = 0.02
 # Accepted on top of the relative tolerance: Opacus' PRV accountant reports the upper end of its
@@ -574,7 +574,7 @@ def run_audit(args: argparse.Namespace) -> int:
         raise ConfigError("--site picks the site of an empirical audit: add --empirical")
     ledger = ledger_path(args.run_dir)
     report = audit_ledger(ledger, tolerance=args.tolerance, accountant=args.accountant)
-    plot = args.plot or ledger.parent / "epsilon.png"
+    plot = args.plot or ledger.parent / EPSILON_PLOT
     if report.series:
         plot_epsilon(report, plot)
     if args.json:

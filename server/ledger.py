@@ -25,6 +25,7 @@ from hiermodel.durable_files import atomic_write_text, sync_folder
 from hiermodel.errors import DataError
 
 LEDGER_FILE = "ledger.jsonl"
+EPSILON_PLOT = "epsilon.png"  # `hierfed audit` draws ε per round beside the ledger
 STATUSES = ("trained", "declined")
 # the sites' Opacus accountants, and Flower's RDP accountant of central DP (server.central_privacy)
 ACCOUNTANTS = ("prv", "rdp", "gdp", "flower-rdp")

@@ -20,10 +20,12 @@ from hiermodel.jobs import DATA_FILE, MODEL_DIR, write_json
 from hiermodel.model import CONFIG_FILE, HierModel
 from hiermodel.plots import plot_series
 from hiermodel.run_config import RunConfig
+from server.ledger import EPSILON_PLOT, LEDGER_FILE
 
 CONFIG_FILE_NAME = "run_config.json"
 RESULTS_FILE = "results.json"
 CENTRAL_PRIVACY_FILE = "central_privacy.json"  # central DP's spend so far (server.central_privacy)
+METRICS_PLOT, LAMBDA_PLOT = "metrics.png", "lambda.png"
 # a checkpoint's arrays of the server optimizer (FedAdam's moments), beside the model's: no parameter
 # name has a slash
 OPTIMIZER_PREFIX = "server-optimizer/"
@@ -41,12 +43,12 @@ class RunDirectory:
 
         Without this the new run would append to the old ledger and overwrite its checkpoints.
         """
-        old = [self.folder / n for n in (RESULTS_FILE, "ledger.jsonl", CENTRAL_PRIVACY_FILE, "checkpoints", MODEL_DIR)]
+        old = [self.folder / n for n in (RESULTS_FILE, LEDGER_FILE, CENTRAL_PRIVACY_FILE, "checkpoints", MODEL_DIR)]
         old = [p for p in old if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
         if not old:
             return None  # a run_config.json alone is this run's (`hierfed simulate` writes it first)
         # the old run's settings (audit and resume read them) and its plots go with its records
-        old += [p for p in (self.folder / n for n in (CONFIG_FILE_NAME, "metrics.png", "lambda.png", "epsilon.png"))
+        old += [p for p in (self.folder / n for n in (CONFIG_FILE_NAME, METRICS_PLOT, LAMBDA_PLOT, EPSILON_PLOT))
                 if p.exists()]
         target = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
         target.mkdir()
@@ -141,10 +143,10 @@ class RunDirectory:
         panels = {"train loss": {"loss": loss}} if all(v is not None for v in loss) else {}
         panels.update(metric_lines)
         if panels:
-            paths.append(plot_series(self.folder / "metrics.png", x=x, panels=panels, xlabel="round"))
+            paths.append(plot_series(self.folder / METRICS_PLOT, x=x, panels=panels, xlabel="round"))
         lambdas = _lambda_lines(rounds)
         if lambdas:
-            paths.append(plot_series(self.folder / "lambda.png", x=x, panels=lambdas, xlabel="round"))
+            paths.append(plot_series(self.folder / LAMBDA_PLOT, x=x, panels=lambdas, xlabel="round"))
         return paths
 
 
